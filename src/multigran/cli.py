@@ -1,0 +1,178 @@
+"""`multigran <command>`: the command-line interface.
+
+Every command reports bad input as one line on stderr (`multigran: error: ...`) and exits non-zero
+(set MULTIGRAN_DEBUG=1 for the full traceback).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+COMMANDS = {}
+
+
+def command(name, help_text):
+    def register(function):
+        COMMANDS[name] = (function, help_text)
+        return function
+
+    return register
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but CUDA is not available on this machine")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def check_model_dir(path):
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory (no config.json); create one with `multigran init-tiny` "
+                         "or `multigran convert`")
+
+
+def load_processor(path):
+    from transformers import AutoProcessor
+
+    import multigran  # noqa: F401  (registers the Auto classes)
+
+    check_model_dir(path)
+    return AutoProcessor.from_pretrained(path)
+
+
+def load_model(path, device="auto", dtype="auto"):
+    """Loads a saved multigran model onto a device, in a dtype ("auto": bf16 on CUDA, fp32 on CPU)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    import multigran  # noqa: F401
+
+    check_model_dir(path)
+    device, torch_dtype = resolve_device_dtype(device, dtype)
+    hf_logging.disable_progress_bar()  # keep stderr for our messages and stdout for the answer
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+
+
+def build_prompt(processor, text: str, n_images: int) -> str:
+    if processor.chat_template:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return (processor.image_token + "\n") * n_images + text
+
+
+def parse_granularity(value: str):
+    return value if value == "auto" else int(value)
+
+
+@command("generate", "answer a prompt about one or more images, streaming the answer to stdout")
+def generate_command(args):
+    from transformers import TextStreamer
+
+    processor = load_processor(args.model)
+    images = args.image or []
+    prompt = build_prompt(processor, args.prompt, len(images))
+    options = {}
+    if args.granularity is not None:
+        options["granularity"] = parse_granularity(args.granularity)
+    if args.boxes is not None:
+        options["boxes"] = args.boxes
+    inputs = processor(images=images or None, text=prompt, **options)  # bad input fails before the model loads
+    model = load_model(args.model, args.device, args.dtype)
+    inputs = inputs.to(model.device)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    output = model.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None, streamer=streamer,
+        return_dict_in_generate=True,
+    )
+    report = getattr(output, "visual_report", None)
+    if args.report and report:
+        print(json.dumps(report), file=sys.stderr)
+
+
+def add_generate_arguments(parser):
+    parser.add_argument("--model", required=True, help="a multigran model directory")
+    parser.add_argument("--image", action="append", help="image path (repeat for several images)")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--granularity", help="visual granularity: 'auto' (router) or tokens per crop (method avg)")
+    parser.add_argument("--boxes", help="object boxes (method mg): a box-file path or a JSON list of [x1,y1,x2,y2]")
+    parser.add_argument("--report", action="store_true", help="print the per-image visual report (JSON) to stderr")
+
+
+@command("convert", "convert a released checkpoint into a multigran directory")
+def convert_command(args):
+    from . import convert
+
+    converters = {"llava-next": convert.from_llava_next}
+    converters[args.source](args.src, args.dst)
+    print(f"wrote {args.dst}")
+
+
+def add_convert_arguments(parser):
+    parser.add_argument("source", choices=["llava-next"], help="format of the source checkpoint")
+    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("dst", help="output directory")
+
+
+@command("init-tiny", "create a tiny random multigran checkpoint (for trying the tools without downloads)")
+def init_tiny_command(args):
+    from .tiny import build_tiny
+
+    build_tiny(args.dir, method=args.method, seed=args.seed)
+    print(f"wrote a tiny random '{args.method}' model to {args.dir}")
+
+
+def add_init_tiny_arguments(parser):
+    parser.add_argument("dir", help="output directory")
+    parser.add_argument("--method", default="anyres")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+ARGUMENTS = {
+    "generate": add_generate_arguments,
+    "convert": add_convert_arguments,
+    "init-tiny": add_init_tiny_arguments,
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="multigran", description="Multi-granularity vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (function, help_text) in COMMANDS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        ARGUMENTS[name](child)
+        child.set_defaults(function=function)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.function(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+        if os.environ.get("MULTIGRAN_DEBUG"):
+            raise
+        print(f"multigran: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multigran: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

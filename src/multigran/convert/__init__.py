@@ -1,0 +1,6 @@
+"""Converters from released checkpoint formats into multigran directories (one file per source format)."""
+
+from .common import CheckpointMismatchError
+from .llava_next import from_llava_next
+
+__all__ = ["CheckpointMismatchError", "from_llava_next"]

@@ -1,0 +1,155 @@
+"""LLaVA-NeXT AnyRes: a base view plus tiles, one projector, unpad, a learned newline per row.
+
+Numerically identical to Hugging Face's `LlavaNextForConditionalGeneration` (the baseline every method builds on).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.image_processing_utils import select_best_resolution
+
+from ..configuration import parse_method_settings
+from ..vision import select_vision_features, tower_grid, tower_has_cls_token
+
+
+@dataclass
+class AnyResSettings:
+    """AnyRes has no settings of its own: geometry comes from the vision config and `image_grid_pinpoints`."""
+
+
+def tile_grid_shape(image_size, grid_pinpoints, tile_size: int) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image of `image_size` (height, width): the best AnyRes resolution / tile size."""
+    height, width = select_best_resolution([int(s) for s in image_size], grid_pinpoints)
+    return height // tile_size, width // tile_size
+
+
+def num_crops(image_size, grid_pinpoints, tile_size: int) -> int:
+    rows, cols = tile_grid_shape(image_size, grid_pinpoints, tile_size)
+    return rows * cols + 1  # + the base (whole-image) view
+
+
+def unpadded_extent(image_size, grid_height: int, grid_width: int) -> tuple[int, int, int, int]:
+    """Rows/cols of a stitched (grid_height, grid_width) feature grid that cover the image, not its aspect padding.
+
+    Returns (top, bottom, left, right) slice bounds. Same arithmetic as LLaVA-NeXT's `unpad_image`
+    (aspect ratio of the original image vs. the grid, rounding to 7 decimals, symmetric padding).
+    """
+    original_height, original_width = (int(s) for s in image_size)
+    if original_width / original_height > grid_width / grid_height:
+        new_height = int(round(original_height * (grid_width / original_width), 7))
+        padding = (grid_height - new_height) // 2
+        return padding, grid_height - padding, 0, grid_width
+    new_width = int(round(original_width * (grid_height / original_height), 7))
+    padding = (grid_width - new_width) // 2
+    return 0, grid_height, padding, grid_width - padding
+
+
+def count_anyres_tokens(image_size, grid_pinpoints, tile_size: int, grid: int) -> int:
+    """Visual tokens of one image: base view (grid^2) + unpadded tiles + one newline per unpadded row."""
+    rows, cols = tile_grid_shape(image_size, grid_pinpoints, tile_size)
+    top, bottom, left, right = unpadded_extent(image_size, rows * grid, cols * grid)
+    return grid * grid + (bottom - top) * (right - left + 1)
+
+
+def pack_crops(crops: torch.Tensor, image_size, grid_pinpoints, tile_size: int, newline: torch.Tensor) -> torch.Tensor:
+    """Merges one image's projected crops into its visual-token sequence (LLaVA-NeXT `spatial_unpad`).
+
+    crops: (1 + rows*cols, grid*grid, D), base view first. Returns (tokens, D): the base view flat, then the stitched,
+    unpadded tile grid in raster order with `newline` appended to every row.
+    """
+    if crops.shape[0] == 1:  # a single view (no tiles): its tokens and one newline, as Hugging Face does
+        return torch.cat([crops[0], newline[None].to(crops)], dim=0)
+    base, tiles = crops[0], crops[1:]
+    grid = math.isqrt(tiles.shape[1])
+    rows, cols = tile_grid_shape(image_size, grid_pinpoints, tile_size)
+    dim = tiles.shape[-1]
+    # (rows*cols, grid*grid, D) -> (D, rows*grid, cols*grid)
+    stitched = tiles.view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * grid, cols * grid)
+    top, bottom, left, right = unpadded_extent(image_size, rows * grid, cols * grid)
+    stitched = stitched[:, top:bottom, left:right]
+    newlines = newline[:, None, None].expand(dim, stitched.shape[1], 1).to(stitched)
+    stitched = torch.cat([stitched, newlines], dim=-1)  # (D, H_u, W_u + 1)
+    return torch.cat([base, stitched.flatten(1).transpose(0, 1)], dim=0)
+
+
+class MultiModalProjector(nn.Module):
+    """Vision features -> LLM embeddings: Linear -> act -> Linear (LLaVA's `mlp2x_gelu`)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+
+    def forward(self, features):
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def check_crop_geometry(config) -> int:
+    """Tokens per crop kept by the feature selection; tiles must form a square grid to be stitched."""
+    grid = tower_grid(config.vision_config)
+    per_crop = grid * grid + int(tower_has_cls_token(config.vision_config))
+    if config.vision_feature_select_strategy == "default":
+        per_crop -= 1
+    if per_crop != grid * grid:
+        raise ValueError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} leaves {per_crop} tokens per crop "
+            f"for a {config.vision_config.model_type} tower, which cannot be arranged as its {grid}x{grid} patch grid "
+            "(use 'default' for CLIP, whose CLS token it drops, and 'full' for SigLIP, which has none)"
+        )
+    return grid
+
+
+class AnyResPipeline(nn.Module):
+    """Vision tower features of every crop -> projector -> AnyRes merge, one token sequence per image."""
+
+    input_names = ()  # no inputs beyond pixel_values / image_sizes
+
+    def __init__(self, config):
+        super().__init__()
+        self.settings = parse_method_settings(AnyResSettings, config)
+        self.grid = check_crop_geometry(config)
+        self.tile_size = config.vision_config.image_size
+        self.grid_pinpoints = config.image_grid_pinpoints
+        self.feature_layer = config.vision_feature_layer
+        self.select_strategy = config.vision_feature_select_strategy
+        num_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        text_dim = config.text_config.hidden_size
+        self.projector = MultiModalProjector(
+            config.vision_config.hidden_size * num_layers, text_dim,
+            config.projector_hidden_act, config.multimodal_projector_bias,
+        )
+        self.image_newline = nn.Parameter(torch.empty(text_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.image_newline, std=1 / math.sqrt(self.image_newline.shape[0]))  # as LLaVA-NeXT
+
+    def crops_per_image(self, image_sizes) -> list[int]:
+        return [num_crops(size, self.grid_pinpoints, self.tile_size) for size in image_sizes.tolist()]
+
+    def encode_crops(self, vision_tower, pixel_values, image_sizes) -> list[torch.Tensor]:
+        """One tower pass over every crop of every image -> per image (crops, grid*grid, D) projected features."""
+        counts = self.crops_per_image(image_sizes)
+        if pixel_values.dim() == 5:  # (images, max_crops, 3, H, W), padded on the crop axis by the processor
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)], dim=0)
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(
+                f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes {image_sizes.tolist()} need "
+                f"{sum(counts)} ({counts} per image): pass the processor's pixel_values and image_sizes together"
+            )
+        features = select_vision_features(vision_tower, pixel_values, self.feature_layer, self.select_strategy)
+        return list(self.projector(features).split(counts, dim=0))
+
+    def forward(self, vision_tower, pixel_values, image_sizes, **unused) -> list[torch.Tensor]:
+        crops = self.encode_crops(vision_tower, pixel_values, image_sizes)
+        return [
+            pack_crops(c, size, self.grid_pinpoints, self.tile_size, self.image_newline)
+            for c, size in zip(crops, image_sizes.tolist())
+        ]
+
+    def count_tokens(self, image_size) -> int:
+        return count_anyres_tokens(image_size, self.grid_pinpoints, self.tile_size, self.grid)
