@@ -89,8 +89,13 @@ def generate_command(args):
     model = load_model(args.model, args.device, args.dtype)
     inputs = inputs.to(model.device)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    method_options = {}
+    if args.max_visual_tokens is not None:
+        method_options["max_visual_tokens"] = args.max_visual_tokens
+    if args.granularity_bias is not None:
+        method_options["granularity_bias"] = args.granularity_bias
     output = model.generate(
-        **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        **inputs, **method_options, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else None, streamer=streamer,
         return_dict_in_generate=True,
     )
@@ -108,6 +113,10 @@ def add_generate_arguments(parser):
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--granularity", help="visual granularity: 'auto' (router) or tokens per crop (method avg)")
+    parser.add_argument("--max-visual-tokens", type=int,
+                        help="auto granularity: the most probable level whose visual tokens per image fit (method avg)")
+    parser.add_argument("--granularity-bias", type=float,
+                        help="auto granularity: cost in nats per 1000 visual tokens, > 0 favours coarser levels (avg)")
     parser.add_argument("--boxes", help="object boxes (method mg): a box-file path or a JSON list of [x1,y1,x2,y2]")
     parser.add_argument("--report", action="store_true", help="print the per-image visual report (JSON) to stderr")
 

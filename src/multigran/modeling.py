@@ -19,6 +19,57 @@ class MultiGranCausalLMOutput(CausalLMOutputWithPast):
     visual_report: list[dict] | None = None
 
 
+def reexpand_image_tokens(input_ids, attention_mask, labels, old_counts, new_counts, image_token_id, pad_token_id):
+    """Changes each image's run of placeholder tokens from old_counts[i] to new_counts[i] tokens, row by row.
+
+    Used when the model, not the processor, settles an image's token count (AVG-LLaVA's router in "auto" mode: the
+    processor leaves one placeholder). Rows are re-padded on the side the batch was padded on; new image positions
+    are attended and carry label -100.
+    """
+    rows, image = [], 0
+    left_padded = attention_mask is not None and bool((attention_mask[:, -1] == 1).all()) and bool(
+        (attention_mask[:, 0] == 0).any())
+    for row in range(input_ids.shape[0]):
+        valid = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(input_ids[row], dtype=torch.bool)
+        ids = input_ids[row][valid].tolist()
+        row_labels = labels[row][valid].tolist() if labels is not None else None
+        new_ids, new_labels, position = [], [], 0
+        while position < len(ids):
+            if ids[position] != image_token_id:
+                new_ids.append(ids[position])
+                if row_labels is not None:
+                    new_labels.append(row_labels[position])
+                position += 1
+                continue
+            if image >= len(old_counts):
+                raise ValueError("input_ids hold more image placeholders than there are images")
+            run = ids[position:position + old_counts[image]]
+            if len(run) != old_counts[image] or any(token != image_token_id for token in run):
+                raise ValueError(
+                    f"image {image} should take {old_counts[image]} placeholder token(s) in the prompt: build inputs "
+                    "with MultiGranProcessor"
+                )
+            new_ids += [image_token_id] * new_counts[image]
+            new_labels += [-100] * new_counts[image]
+            position += old_counts[image]
+            image += 1
+        rows.append((new_ids, new_labels))
+    if image != len(old_counts):
+        raise ValueError(f"input_ids hold placeholders for {image} image(s) but {len(old_counts)} were given")
+    length = max(len(ids) for ids, _ in rows)
+    device = input_ids.device
+    out_ids = torch.full((len(rows), length), pad_token_id, dtype=input_ids.dtype, device=device)
+    out_mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    out_labels = torch.full((len(rows), length), -100, dtype=torch.long, device=device) if labels is not None else None
+    for row, (ids, row_labels) in enumerate(rows):
+        span = slice(length - len(ids), length) if left_padded else slice(0, len(ids))
+        out_ids[row, span] = torch.tensor(ids, dtype=input_ids.dtype, device=device)
+        out_mask[row, span] = 1
+        if out_labels is not None:
+            out_labels[row, span] = torch.tensor(row_labels, dtype=torch.long, device=device)
+    return out_ids, out_mask, out_labels
+
+
 class MultiGranPreTrainedModel(PreTrainedModel):
     config: MultiGranConfig
     config_class = MultiGranConfig
@@ -74,9 +125,17 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         """Per image, its visual tokens in the LLM's embedding space: list of (tokens_i, D)."""
         return self.visual(self.vision_tower, pixel_values=pixel_values, image_sizes=image_sizes, **visual_inputs)
 
+    def embed_text(self, input_ids) -> torch.Tensor:
+        """The LM's token embeddings; image placeholders read row 0 (they are overwritten by visual tokens), so the
+        image token may lie outside the LM's vocabulary, as in checkpoints of the original LLaVA code base."""
+        return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
+
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         if input_ids is not None:
             return input_ids == self.config.image_token_id
+        if self.config.image_token_id >= self.get_input_embeddings().num_embeddings:
+            raise ValueError("pass input_ids: the image token is outside the LM's vocabulary, so image positions "
+                             "cannot be found in inputs_embeds")
         image_embedding = self.get_input_embeddings()(
             torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
         )
@@ -117,29 +176,48 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> MultiGranCausalLMOutput:
         """Splices each image's visual tokens into the prompt and runs the LM.
 
         `pixel_values`/`image_sizes` (and the method's own inputs, `self.visual.input_names`) come from
-        `MultiGranProcessor`; `labels` follow Hugging Face's convention (-100 = ignored; image positions are always ignored).
+        `MultiGranProcessor`; `image_features` (per image (tokens, D)) replaces them when precomputed (as `generate`
+        does); `labels` follow Hugging Face's convention (-100 = ignored; image positions are always ignored).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         visual_inputs = {name: kwargs.pop(name) for name in self.visual.input_names if name in kwargs}
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        self.check_context(inputs_embeds.shape[1], cache)
+            inputs_embeds = self.embed_text(input_ids)
 
         image_token_counts = report = None
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            features = self.get_image_features(pixel_values, image_sizes, **visual_inputs)
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(
+                pixel_values, image_sizes, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask, labels=labels, **visual_inputs,
+            )
             report = getattr(self.visual, "last_report", None)
-            image_token_counts = [f.shape[0] for f in features]
+        if image_features is not None:
+            image_token_counts = [f.shape[0] for f in image_features]
             image_mask = self.image_token_mask(input_ids, inputs_embeds)
-            inputs_embeds = self.splice_image_features(inputs_embeds, image_mask, features)
+            placeholders = int(image_mask.sum())
+            old = None
+            if placeholders != sum(image_token_counts) and input_ids is not None and image_sizes is not None:
+                old = self.visual.placeholder_counts(image_sizes, **visual_inputs)
+            if old is not None and placeholders == sum(old):
+                # The pipeline settled the counts itself (e.g. the AVG router): resize each image's placeholder run.
+                input_ids, attention_mask, labels = reexpand_image_tokens(
+                    input_ids, attention_mask, labels, old, image_token_counts, self.config.image_token_id,
+                    self.pad_token_id,
+                )
+                inputs_embeds = self.embed_text(input_ids)
+                image_mask = input_ids == self.config.image_token_id
+                position_ids = None
+            inputs_embeds = self.splice_image_features(inputs_embeds, image_mask, image_features)
             if labels is not None:
                 labels = labels.masked_fill(image_mask.to(labels.device), -100)
+        self.check_context(inputs_embeds.shape[1], cache)
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -155,11 +233,59 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
             **outputs, image_token_counts=image_token_counts, visual_report=report
         )
 
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.config.text_config, "pad_token_id", None)
+        return 0 if pad is None else pad
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        """transformers' `generate`, with the images encoded once before the prefill.
+
+        The pipeline may settle each image's token count itself (AVG-LLaVA's router with granularity "auto"): the
+        prompt's placeholders are then resized to exactly the chosen counts, so no padding is left in the sequence.
+        Per-image decisions are in `self.last_visual_report` (and `output.visual_report` with
+        `return_dict_in_generate=True`). Method options (e.g. `granularity=144`, `max_visual_tokens=...`,
+        `granularity_bias=...`) may be passed here and override the processor's.
+        """
+        self.last_visual_report = None
+        original_ids = input_ids
+        visual_inputs = {name: kwargs.pop(name) for name in self.visual.input_names if name in kwargs}
+        override = kwargs.pop("granularity", None)
+        if pixel_values is not None and pixel_values.shape[0] > 0 and input_ids is not None:
+            processor_inputs = dict(visual_inputs)
+            if override is not None:
+                visual_inputs["image_granularity"] = [override] * pixel_values.shape[0]
+            features = self.get_image_features(
+                pixel_values, image_sizes, input_ids=input_ids, inputs_embeds=self.embed_text(input_ids),
+                attention_mask=attention_mask, **visual_inputs,
+            )
+            self.last_visual_report = getattr(self.visual, "last_report", None)
+            counts = [f.shape[0] for f in features]
+            if int((input_ids == self.config.image_token_id).sum()) != sum(counts) or override is not None:
+                old = self.visual.placeholder_counts(image_sizes, **processor_inputs)
+                input_ids, attention_mask, _ = reexpand_image_tokens(
+                    input_ids, attention_mask, None, old, counts, self.config.image_token_id, self.pad_token_id
+                )
+            kwargs["image_features"] = features
+        prompt = input_ids
+        output = super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if original_ids is not None and original_ids.shape != prompt.shape:
+            # Give back the caller's prompt (as passed) followed by the new tokens, so `output[:, len(prompt):]`
+            # is the answer whatever the number of visual tokens the model settled on.
+            if torch.is_tensor(output):
+                output = torch.cat([original_ids, output[:, prompt.shape[1]:]], dim=1)
+            else:
+                output.sequences = torch.cat([original_ids, output.sequences[:, prompt.shape[1]:]], dim=1)
+        if self.last_visual_report is not None and not torch.is_tensor(output):
+            output.visual_report = self.last_visual_report
+        return output
+
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         # Images are consumed by the prefill; later steps read them from the cache.
         if not is_first_iteration and inputs.get("use_cache", True):
-            for name in ("pixel_values", "image_sizes", *self.visual.input_names):
+            for name in ("pixel_values", "image_sizes", "image_features", *self.visual.input_names):
                 inputs.pop(name, None)
         return inputs
 

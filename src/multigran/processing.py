@@ -4,27 +4,20 @@ The processor expands every image placeholder into exactly as many image tokens 
 image (Hugging Face's LLaVA-NeXT convention), so the visual-token budget is known before the forward pass.
 """
 
+import inspect
+
 from transformers import BatchFeature, ProcessorMixin
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from .image_io import DEFAULT_MAX_PIXELS, load_image
-from .pipelines.anyres import count_anyres_tokens
-
-
-def anyres_step(image_processor, images, **unused) -> dict:
-    """LLaVA-NeXT preprocessing (base view + tiles), done by transformers' own image processor, plus token counts."""
-    out = LlavaNextImageProcessorPil.preprocess(image_processor, images, return_tensors="pt")
-    tile = image_processor.crop_size.height
-    grid = tile // image_processor.patch_size
-    counts = [
-        count_anyres_tokens(size, image_processor.image_grid_pinpoints, tile, grid) for size in out["image_sizes"].tolist()
-    ]
-    return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"], "image_token_counts": counts}
+from .pipelines.anyres import anyres_step
+from .pipelines.avg import avg_step
 
 
 # Method name -> its processor step: (image processor, RGB PIL images, **method options) -> tensors + token counts.
 IMAGE_STEPS = {
     "anyres": anyres_step,
+    "avg": avg_step,
 }
 
 
@@ -46,10 +39,21 @@ class MultiGranImageProcessor(LlavaNextImageProcessorPil):
 
     def preprocess(self, images, **options) -> BatchFeature:
         """RGB images -> the method's tensors and `image_token_counts` (visual tokens per image)."""
-        if self.method not in IMAGE_STEPS:
-            raise ValueError(f"unknown method {self.method!r}; available methods: {sorted(IMAGE_STEPS)}")
+        self.check_options(options)
         images = [load_image(image, self.max_pixels) for image in images]
         return BatchFeature(IMAGE_STEPS[self.method](self, images, **options))
+
+    def check_options(self, options):
+        if self.method not in IMAGE_STEPS:
+            raise ValueError(f"unknown method {self.method!r}; available methods: {sorted(IMAGE_STEPS)}")
+        accepted = set(inspect.signature(IMAGE_STEPS[self.method]).parameters) - {"image_processor", "images"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ValueError(f"option(s) {unknown} do not apply to method {self.method!r} (it takes {sorted(accepted)})")
+
+
+# Tokenizer-side keywords transformers' `apply_chat_template` may pass along; not image options.
+TOKENIZER_OPTIONS_IGNORED = {"sanitize_control_tokens", "return_attention_mask"}
 
 
 def _nest_images(images, texts, image_token) -> list[list]:
@@ -105,7 +109,8 @@ class MultiGranProcessor(ProcessorMixin):
         length = getattr(self.tokenizer, "model_max_length", None)
         return length if length is not None and length < 10**8 else None  # transformers' "no limit" is ~1e30
 
-    def __call__(self, images=None, text=None, *, padding=True, return_tensors="pt", **options) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, *, padding=True, return_tensors="pt",
+                 add_special_tokens=True, **options) -> BatchFeature:
         """Prompts with one `image_token` per image -> `input_ids`, `attention_mask`, `pixel_values`, ...
 
         `images`: one image, a flat list (consumed in placeholder order across prompts) or one list per prompt; each
@@ -113,6 +118,12 @@ class MultiGranProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("text is required: a prompt with one image placeholder per image")
+        if videos is not None or audio is not None:
+            raise ValueError("multigran models take images and text only (no videos or audio)")
+        if options.pop("truncation", None) or options.pop("max_length", None):
+            raise ValueError("truncation is not supported: it could cut image tokens; the processor checks the "
+                             "context length instead")
+        options = {k: v for k, v in options.items() if v is not None and k not in TOKENIZER_OPTIONS_IGNORED}
         texts = [text] if isinstance(text, str) else list(text)
         nested = _nest_images(images, texts, self.image_token)
         flat_images = [image for group in nested for image in group]
@@ -122,16 +133,18 @@ class MultiGranProcessor(ProcessorMixin):
         if flat_images:
             vision = dict(self.image_processor.preprocess(flat_images, **options))
             counts = vision.pop("image_token_counts")
+        elif options:
+            self.image_processor.check_options(options)
 
-        input_ids = self.expand_image_tokens(texts, [len(group) for group in nested], counts)
+        input_ids = self.expand_image_tokens(texts, [len(group) for group in nested], counts, add_special_tokens)
         batch = self.tokenizer.pad({"input_ids": input_ids}, padding=padding, return_tensors=return_tensors)
         return BatchFeature({**batch, **vision}, tensor_type=return_tensors)
 
-    def expand_image_tokens(self, texts, images_per_text, counts) -> list[list[int]]:
+    def expand_image_tokens(self, texts, images_per_text, counts, add_special_tokens=True) -> list[list[int]]:
         """Tokenizes each prompt and repeats its k-th image token counts[k] times; checks the context length."""
         input_ids, image_index = [], 0
         for index, (text, n_images) in enumerate(zip(texts, images_per_text)):
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
             positions = [i for i, token in enumerate(ids) if token == self.image_token_id]
             if len(positions) != n_images:
                 raise ValueError(

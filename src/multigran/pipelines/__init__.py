@@ -1,9 +1,11 @@
 """Visual pipelines: one file per method, chosen by `config.method` through this explicit table."""
 
 from .anyres import AnyResPipeline
+from .avg import AvgPipeline
 
 PIPELINES = {
     "anyres": AnyResPipeline,
+    "avg": AvgPipeline,
 }
 
 

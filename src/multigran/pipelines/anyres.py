@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from ..configuration import parse_method_settings
 from ..vision import select_vision_features, tower_grid, tower_has_cls_token
@@ -54,25 +55,52 @@ def count_anyres_tokens(image_size, grid_pinpoints, tile_size: int, grid: int) -
     return grid * grid + (bottom - top) * (right - left + 1)
 
 
-def pack_crops(crops: torch.Tensor, image_size, grid_pinpoints, tile_size: int, newline: torch.Tensor) -> torch.Tensor:
+def stitched_extent(image_size, tile_grid, level_grid) -> tuple[int, int, int, int]:
+    """LLaVA-NeXT's unpad bounds for tiles of (h, w) tokens laid out on a (rows, cols) tile grid."""
+    (rows, cols), (h, w) = tile_grid, level_grid
+    return unpadded_extent(image_size, rows * h, cols * w)
+
+
+def pack_crops(crops: torch.Tensor, image_size, grid_pinpoints, tile_size: int, newline: torch.Tensor,
+               level_grid=None, extent=stitched_extent) -> torch.Tensor:
     """Merges one image's projected crops into its visual-token sequence (LLaVA-NeXT `spatial_unpad`).
 
-    crops: (1 + rows*cols, grid*grid, D), base view first. Returns (tokens, D): the base view flat, then the stitched,
-    unpadded tile grid in raster order with `newline` appended to every row.
+    crops: (1 + rows*cols, h*w, D), base view first; `level_grid` (h, w) is the token grid of every crop (square by
+    default). Returns (tokens, D): the base view flat, then the stitched tile grid, cut to `extent` (the unpad bounds),
+    in raster order with `newline` appended to every row. A single view (no tiles) gives its tokens and one newline,
+    as Hugging Face does.
     """
-    if crops.shape[0] == 1:  # a single view (no tiles): its tokens and one newline, as Hugging Face does
+    if crops.shape[0] == 1:
         return torch.cat([crops[0], newline[None].to(crops)], dim=0)
     base, tiles = crops[0], crops[1:]
-    grid = math.isqrt(tiles.shape[1])
+    if level_grid is None:
+        side = math.isqrt(tiles.shape[1])
+        level_grid = (side, side)
+    h, w = level_grid
     rows, cols = tile_grid_shape(image_size, grid_pinpoints, tile_size)
+    if rows * cols != tiles.shape[0] or h * w != tiles.shape[1]:
+        raise ValueError(
+            f"an image of size {tuple(int(s) for s in image_size)} needs {rows}x{cols} tiles of {h}x{w} tokens + a base "
+            f"view, got {crops.shape[0]} crops of {crops.shape[1]} tokens"
+        )
     dim = tiles.shape[-1]
-    # (rows*cols, grid*grid, D) -> (D, rows*grid, cols*grid)
-    stitched = tiles.view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * grid, cols * grid)
-    top, bottom, left, right = unpadded_extent(image_size, rows * grid, cols * grid)
+    # (rows*cols, h*w, D) -> (D, rows*h, cols*w)
+    stitched = tiles.view(rows, cols, h, w, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * h, cols * w)
+    top, bottom, left, right = extent(image_size, (rows, cols), (h, w))
     stitched = stitched[:, top:bottom, left:right]
     newlines = newline[:, None, None].expand(dim, stitched.shape[1], 1).to(stitched)
     stitched = torch.cat([stitched, newlines], dim=-1)  # (D, H_u, W_u + 1)
     return torch.cat([base, stitched.flatten(1).transpose(0, 1)], dim=0)
+
+
+def anyres_step(image_processor, images) -> dict:
+    """Processor step: LLaVA-NeXT preprocessing (base view + tiles) by transformers' own image processor + counts."""
+    out = LlavaNextImageProcessorPil.preprocess(image_processor, images, return_tensors="pt")
+    tile = image_processor.crop_size.height
+    grid = tile // image_processor.patch_size
+    pinpoints = image_processor.image_grid_pinpoints
+    counts = [count_anyres_tokens(size, pinpoints, tile, grid) for size in out["image_sizes"].tolist()]
+    return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"], "image_token_counts": counts}
 
 
 class MultiModalProjector(nn.Module):
@@ -144,12 +172,13 @@ class AnyResPipeline(nn.Module):
         features = select_vision_features(vision_tower, pixel_values, self.feature_layer, self.select_strategy)
         return list(self.projector(features).split(counts, dim=0))
 
-    def forward(self, vision_tower, pixel_values, image_sizes, **unused) -> list[torch.Tensor]:
+    def forward(self, vision_tower, pixel_values, image_sizes, **text_context) -> list[torch.Tensor]:
         crops = self.encode_crops(vision_tower, pixel_values, image_sizes)
         return [
             pack_crops(c, size, self.grid_pinpoints, self.tile_size, self.image_newline)
             for c, size in zip(crops, image_sizes.tolist())
         ]
 
-    def count_tokens(self, image_size) -> int:
-        return count_anyres_tokens(image_size, self.grid_pinpoints, self.tile_size, self.grid)
+    def placeholder_counts(self, image_sizes, **visual_inputs) -> list[int]:
+        """Image tokens the processor put in the prompt for each image."""
+        return [count_anyres_tokens(s, self.grid_pinpoints, self.tile_size, self.grid) for s in image_sizes.tolist()]
