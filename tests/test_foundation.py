@@ -186,3 +186,34 @@ def test_real_size_parameter_count_equals_hugging_face_llava_next():
     clip = 3 * 14 * 14 * d + d + 577 * d + 2 * d + 24 * (4 * (d * d + d) + (d * i + i) + (i * d + d) + 4 * d) + 2 * d
     projector = (d * D + D) + (D * D + D)
     assert count == llama + clip + projector + D == 7_063_431_168
+
+
+@pytest.mark.parametrize("layout", ["transformers4", "transformers5"])
+def test_converter_reads_both_key_layouts(tmp_path, tiny_tokenizer, layout):
+    """Hub checkpoints saved by transformers 4 nest CLIP under `vision_model.`; version 5 nests the LM under
+    `model.language_model.`. Both convert to the same multigran weights."""
+    src = tmp_path / "hf"
+    make_hf_dir(src, tiny_tokenizer)
+    original = load_file(src / "model.safetensors")
+    renamed = {}
+    for key, value in original.items():
+        if layout == "transformers4" and key.startswith("vision_tower."):
+            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        if layout == "transformers5":
+            key = {"image_newline": "model.image_newline"}.get(key, key)
+            for old, new in (("multi_modal_projector.", "model.multi_modal_projector."),
+                             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                             ("vision_tower.", "model.vision_tower.")):
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+        renamed[key] = value
+    save_file(renamed, src / "model.safetensors")
+    from_llava_next(src, tmp_path / "out")
+    converted = load_file(tmp_path / "out" / "model.safetensors")
+    reference = LlavaNextForConditionalGeneration.from_pretrained(src)
+    ours = MultiGranForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert torch.equal(converted["visual.image_newline"], original["image_newline"])
+    assert torch.equal(ours.vision_tower.embeddings.patch_embedding.weight,
+                       reference.model.vision_tower.embeddings.patch_embedding.weight)
+    assert torch.equal(ours.language_model.lm_head.weight, reference.lm_head.weight)

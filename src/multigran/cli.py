@@ -125,15 +125,18 @@ def add_generate_arguments(parser):
 def convert_command(args):
     from . import convert
 
-    converters = {"llava-next": convert.from_llava_next}
-    converters[args.source](args.src, args.dst)
+    if args.source == "llava-next":
+        convert.from_llava_next(args.src, args.dst)
+    elif args.source == "avg-llava":
+        convert.from_avg_llava(args.src, args.dst, clip_dir=args.clip)
     print(f"wrote {args.dst}")
 
 
 def add_convert_arguments(parser):
-    parser.add_argument("source", choices=["llava-next"], help="format of the source checkpoint")
+    parser.add_argument("source", choices=["llava-next", "avg-llava"], help="format of the source checkpoint")
     parser.add_argument("src", help="source checkpoint directory")
     parser.add_argument("dst", help="output directory")
+    parser.add_argument("--clip", help="avg-llava: a Hugging Face CLIP directory (tower config/weights when missing)")
 
 
 @command("init-tiny", "create a tiny random multigran checkpoint (for trying the tools without downloads)")

@@ -38,13 +38,15 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a built-in corpus, with `<image>` as a special token."""
+def build_tiny_tokenizer(vocab_size: int = 320, image_token: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a built-in corpus, with `<image>` as a special token (unless asked not
+    to: the original LLaVA code base's tokenizers have none)."""
+    specials = SPECIAL_TOKENS if image_token else [t for t in SPECIAL_TOKENS if t != "<image>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(_CORPUS * 4, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -52,7 +54,7 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens=["<image>"], model_max_length=4096,
+        extra_special_tokens=["<image>"] if image_token else [], model_max_length=4096,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

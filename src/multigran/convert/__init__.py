@@ -1,6 +1,7 @@
 """Converters from released checkpoint formats into multigran directories (one file per source format)."""
 
 from .common import CheckpointMismatchError
+from .avg_llava import from_avg_llava
 from .llava_next import from_llava_next
 
-__all__ = ["CheckpointMismatchError", "from_llava_next"]
+__all__ = ["CheckpointMismatchError", "from_avg_llava", "from_llava_next"]

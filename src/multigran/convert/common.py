@@ -60,6 +60,25 @@ class SafetensorsCheckpoint:
         return self.handles[self.location[key]].get_tensor(key)
 
 
+def canonical_tower_key(key: str) -> str:
+    """transformers >= 5 CLIP/SigLIP vision models have no `vision_model.` level: older checkpoints do."""
+    if key.startswith("vision_tower.vision_model."):
+        return "vision_tower." + key[len("vision_tower.vision_model."):]
+    return key
+
+
+def tower_weights_from(clip_dir) -> dict:
+    """`vision_tower.*` sources from a Hugging Face CLIP/SigLIP (vision) directory, old or new key layout."""
+    checkpoint = SafetensorsCheckpoint(clip_dir)
+    sources = {}
+    for key in checkpoint.keys():
+        if key.startswith("vision_model."):
+            sources[canonical_tower_key("vision_tower." + key)] = (checkpoint, key)
+        elif key.split(".", 1)[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm", "head"):
+            sources["vision_tower." + key] = (checkpoint, key)
+    return sources
+
+
 def expected_state(model) -> dict[str, torch.Size]:
     """Key -> shape of everything a model saves (tied weights counted once, under their source name)."""
     state = model.state_dict()
@@ -143,18 +162,18 @@ def build_on_meta(config):
         return MultiGranForConditionalGeneration(config)
 
 
-def write_renamed(checkpoint: SafetensorsCheckpoint, renamed: dict[str, str], expected, dst_dir, source: str,
-                  extra: dict[str, torch.Tensor] | None = None):
-    """Checks the renamed keys (new -> old) against the model first, then streams the tensors into shards.
+def write_checked(sources: dict, expected, dst_dir, source: str, extra: dict[str, torch.Tensor] | None = None):
+    """Checks the new keys against the model first, then streams the tensors into shards.
 
-    `extra` holds tensors that are not in the checkpoint as such (split or derived ones), keyed by their new name.
+    `sources` maps each new key to (SafetensorsCheckpoint, key there); `extra` holds tensors built by the converter
+    (packed or split ones), keyed by their new name.
     """
     extra = extra or {}
-    shapes = {new: checkpoint.shape(old) for new, old in renamed.items()}
+    shapes = {new: checkpoint.shape(old) for new, (checkpoint, old) in sources.items()}
     shapes.update({key: tensor.shape for key, tensor in extra.items()})
     check_keys(shapes, expected, source)
     writer = ShardWriter(dst_dir)
-    for new, old in renamed.items():
+    for new, (checkpoint, old) in sources.items():
         writer.add(new, checkpoint.tensor(old))
     for key, tensor in extra.items():
         writer.add(key, tensor)

@@ -9,7 +9,14 @@ from transformers import AutoProcessor, LlavaNextConfig
 
 from ..configuration import MultiGranConfig
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
-from .common import CheckpointMismatchError, SafetensorsCheckpoint, build_on_meta, expected_state, write_renamed
+from .common import (
+    CheckpointMismatchError,
+    SafetensorsCheckpoint,
+    build_on_meta,
+    canonical_tower_key,
+    expected_state,
+    write_checked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ IMAGE_PROCESSOR_FIELDS = (
 def rename_key(key: str) -> str:
     for old, new in KEY_PREFIXES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return canonical_tower_key(new + key[len(old):])
     return key  # reported as unexpected by the key check
 
 
@@ -95,17 +102,16 @@ def from_llava_next(src_dir, dst_dir) -> Path:
     model = build_on_meta(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     checkpoint = SafetensorsCheckpoint(src_dir)
-    renamed = {}
+    sources = {}
     for key in checkpoint.keys():
         new = rename_key(key)
-        if new in tied:  # a tied lm_head saved anyway: the LM re-ties it on load
-            continue
-        renamed[new] = key
-    write_renamed(checkpoint, renamed, expected_state(model), dst_dir, source=str(src_dir))
+        if new not in tied:  # a tied lm_head saved anyway is skipped: the LM re-ties it on load
+            sources[new] = (checkpoint, key)
+    write_checked(sources, expected_state(model), dst_dir, source=str(src_dir))
 
     config.save_pretrained(dst_dir)
     if (src_dir / "generation_config.json").is_file():
         shutil.copy(src_dir / "generation_config.json", dst_dir / "generation_config.json")
     convert_processor(src_dir, config).save_pretrained(dst_dir)
-    logger.info("converted %s -> %s (%d tensors)", src_dir, dst_dir, len(renamed))
+    logger.info("converted %s -> %s (%d tensors)", src_dir, dst_dir, len(sources))
     return dst_dir

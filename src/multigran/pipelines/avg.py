@@ -230,6 +230,9 @@ class AvgRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        for layer in (self.merger.self_attn, self.merger.linear1, self.merger.linear2, self.merger.norm1,
+                      self.merger.norm2, self.router[0], self.router[2], self.norm):  # PyTorch's own defaults
+            getattr(layer, "_reset_parameters", getattr(layer, "reset_parameters", None))()
         nn.init.kaiming_normal_(self.router[0].weight)
         nn.init.kaiming_normal_(self.router[2].weight)
         nn.init.normal_(self.voter)

@@ -1,0 +1,88 @@
+"""AVG-LLaVA stages 3 and 4 against independent computations: fixed-granularity forwards built by the processor."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multigran.tiny import build_tiny
+from multigran.train.avg import multi_granularity_loss, rglf_training_loss
+from multigran.train.rglf import rglf_loss
+
+QUESTIONS = ["USER: <image>\nWhat colour is the dot? ASSISTANT:", "USER: <image>\nHow many shapes? ASSISTANT:"]
+ANSWERS = [" red</s>", " two</s>"]
+
+
+def image(width, height, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, processor = build_tiny(None, method="avg", image_size=64, patch_size=8, seed=5)
+    processor.tokenizer.padding_side = "right"
+    images = [image(90, 60, 1), image(64, 64, 2)]
+    return model, processor, images
+
+
+def batch_at(processor, images, granularity):
+    """Question + answer, labels only on the answer tokens (built from the question's own length)."""
+    inputs = processor(images=images, text=[q + a for q, a in zip(QUESTIONS, ANSWERS)], granularity=granularity)
+    labels = inputs["input_ids"].clone()
+    for row, (question, picture) in enumerate(zip(QUESTIONS, images)):
+        prompt_length = processor(images=picture, text=question, granularity=granularity)["input_ids"].shape[1]
+        labels[row, :prompt_length] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    inputs["labels"] = labels
+    return inputs
+
+
+def test_stage3_loss_is_the_mean_of_fixed_granularity_losses(setup):
+    model, processor, images = setup
+    model.eval()  # no dropout, so the two computations see the same network
+    loss, metrics = multi_granularity_loss(model, dict(batch_at(processor, images, "auto")))
+    with torch.no_grad():
+        reference = [model(**batch_at(processor, images, g)).loss for g in model.visual.level_tokens]
+    torch.testing.assert_close(loss.detach(), torch.stack(reference).mean(), rtol=1e-5, atol=1e-6)
+    assert set(metrics) == {f"loss_g{g}" for g in model.visual.level_tokens}
+    loss.backward()
+    assert model.visual.projector.linear_1.weight.grad is not None  # stage 3 trains the projector ...
+    assert model.visual.router.voter.grad is None  # ... never the router
+    model.zero_grad(set_to_none=True)
+
+
+def test_rglf_step_runs_the_tower_once_and_trains_only_the_router(setup):
+    model, processor, images = setup
+    model.eval()
+    batch = dict(batch_at(processor, images, "auto"))
+    calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    loss, metrics = rglf_training_loss(model, batch)
+    hook.remove()
+    assert len(calls) == 1  # one ViT pass for the router and all five LMM forwards
+    loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all(name.startswith("visual.router.") for name in with_grad)
+    model.zero_grad(set_to_none=True)
+
+    # Independent: NLL per sample from fixed-granularity inputs, router logits with the training mask.
+    with torch.no_grad():
+        nll = []
+        for g in model.visual.level_tokens:
+            fixed = batch_at(processor, images, g)
+            logits = model(**{k: v for k, v in fixed.items() if k != "labels"}).logits[:, :-1]
+            targets = fixed["labels"][:, 1:]
+            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                                                          ignore_index=-100)
+            nll.append(token_nll.sum(1) / (targets != -100).sum(1))
+        nll = torch.stack(nll, dim=1)
+        crops = model.visual.encode_crops(model.vision_tower, batch["pixel_values"], batch["image_sizes"])
+        router_logits = []
+        for row in range(2):
+            ids, labels = batch["input_ids"][row], batch["labels"][row]
+            keep = ids != processor.image_token_id
+            valid = batch["attention_mask"][row].bool()[keep] & (labels[keep] == -100)
+            router_logits.append(model.visual.router(crops[row], model.get_input_embeddings()(ids[keep]), valid))
+        expected = rglf_loss(torch.stack(router_logits), nll)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics["rglf_samples"] == 2
