@@ -122,7 +122,9 @@ def test_matches_reference_float32_int_output_size_and_box_list():
 def test_adaptive_grid_differs_per_box():
     # small box: grid 1; large box: grid ceil(12/2) = 6 per axis; checks the per-box masking of padded samples
     features = torch.randn(1, 2, 16, 16, dtype=torch.float64)
-    rois = torch.tensor([[0, 1.0, 1.0, 2.5, 2.5], [0, 0.0, 0.0, 12.0, 12.0], [0, 3.0, 2.0, 4.0, 14.0]], dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 1.0, 1.0, 2.5, 2.5], [0, 0.0, 0.0, 12.0, 12.0], [0, 3.0, 2.0, 4.0, 14.0]], dtype=torch.float64
+    )
     got = roi_align(features, rois, 2, 1.0)
     want = roi_align_reference(features, rois, (2, 2), 1.0, -1, False)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -140,7 +142,12 @@ def test_samples_exactly_on_the_limits():
     # y slightly beyond: contributes 0. Hand-computed values on a map whose rows hold their own index.
     features = torch.arange(4, dtype=torch.float64).view(1, 1, 4, 1).expand(1, 1, 4, 3).contiguous()
     rois = torch.tensor(
-        [[0, 0.0, 3.0, 2.0, 5.0], [0, 0.0, -2.0, 2.0, 0.0], [0, 0.0, 3.0, 2.0, 5.0 + 1e-6], [0, 0.0, -2.0 - 1e-6, 2.0, 0.0]],
+        [
+            [0, 0.0, 3.0, 2.0, 5.0],
+            [0, 0.0, -2.0, 2.0, 0.0],
+            [0, 0.0, 3.0, 2.0, 5.0 + 1e-6],
+            [0, 0.0, -2.0 - 1e-6, 2.0, 0.0],
+        ],
         dtype=torch.float64,
     )
     out = roi_align(features, rois, 1, 1.0, sampling_ratio=1)
@@ -156,13 +163,16 @@ def test_chunked_equals_unchunked(monkeypatch):
     monkeypatch.setattr(roi_align_module, "CHUNK_ELEMENTS", 500)  # forces many small chunks, sorted by size
     chunked = roi_align(features, rois, (3, 3), 1.0)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
-    torch.testing.assert_close(chunked, roi_align_reference(features, rois, (3, 3), 1.0, -1, False), rtol=1e-10, atol=1e-10)
+    want = roi_align_reference(features, rois, (3, 3), 1.0, -1, False)
+    torch.testing.assert_close(chunked, want, rtol=1e-10, atol=1e-10)
 
 
 def test_gradcheck_float64():
     generator = torch.Generator().manual_seed(5)
     features = torch.randn(2, 1, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 3.9], [1, -1.0, 1.2, 3.3, 4.5], [1, 2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 0.3, 0.7, 4.2, 3.9], [1, -1.0, 1.2, 3.3, 4.5], [1, 2.0, 2.0, 2.0, 2.0]], dtype=torch.float64
+    )
     assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, (2, 3), 1.0, -1, False), (features,))
     assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, (3, 2), 0.8, 2, True), (features,))
 

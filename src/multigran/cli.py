@@ -153,10 +153,54 @@ def add_init_tiny_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
 
 
+@command("eval", "answer a LLaVA-format question file and report accuracy, visual tokens and prefill latency")
+def eval_command(args):
+    from .data.boxes import read_box_file
+    from .evaluate.runner import evaluate_records, load_question_file
+
+    processor = load_processor(args.model)
+    records = load_question_file(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    model = load_model(args.model, args.device, args.dtype)
+    options = {} if args.granularity is None else {"granularity": parse_granularity(args.granularity)}
+    generate_options = {}
+    if args.max_visual_tokens is not None:
+        generate_options["max_visual_tokens"] = args.max_visual_tokens
+    if args.granularity_bias is not None:
+        generate_options["granularity_bias"] = args.granularity_bias
+    boxes = read_box_file(args.boxes) if args.boxes else None
+    result = evaluate_records(model, processor, records, args.image_folder, where=args.data,
+                              processor_options=options, generate_options=generate_options, boxes=boxes,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    if args.out:
+        with open(args.out, "w") as handle:
+            for entry in result["predictions"]:
+                handle.write(json.dumps(entry) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+
+
+def add_eval_arguments(parser):
+    parser.add_argument("--model", required=True, help="a multigran model directory")
+    parser.add_argument("--data", required=True, help="LLaVA-format question file (.json list or .jsonl)")
+    parser.add_argument("--image-folder", default=".", help="folder the records' image paths are relative to")
+    parser.add_argument("--granularity", help="'auto' or tokens per crop (method avg)")
+    parser.add_argument("--max-visual-tokens", type=int)
+    parser.add_argument("--granularity-bias", type=float)
+    parser.add_argument("--boxes", help="box file (method mg), joined by record id")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="only the first N records")
+    parser.add_argument("--out", help="write per-record predictions (JSONL) here")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
 ARGUMENTS = {
     "generate": add_generate_arguments,
     "convert": add_convert_arguments,
     "init-tiny": add_init_tiny_arguments,
+    "eval": add_eval_arguments,
 }
 
 

@@ -44,7 +44,8 @@ def batched_nms(
     sorted_boxes, sorted_labels = boxes[order], labels[order]
     # suppresses[i, j]: box i (earlier in score order) would suppress box j. (K, K): fine for the hundreds of boxes
     # a detector keeps per image.
-    suppresses = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold) & (sorted_labels[:, None] == sorted_labels[None, :])
+    same_label = sorted_labels[:, None] == sorted_labels[None, :]
+    suppresses = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold) & same_label
     suppresses = torch.triu(suppresses, diagonal=1).float()  # 0/1 counts, exact in float32
     # Greedy NMS is the unique solution of keep[j] = no kept i < j suppresses j. Iterating that rule from "keep all"
     # fixes one more leading entry per round at least, so it converges; each round is one (K, K) mat-vec.

@@ -13,13 +13,15 @@ We build A_y/A_x for all boxes at once (boxes differ in their adaptive grid gy, 
 restricted to the rows/columns each box touches, gather that crop of the map (channels-last) and apply two batched
 matmuls. No Python loop over boxes; the (K, C, oh * gy, ow * gx) sample tensor is never materialised; differentiable
 w.r.t. the features (gather + matmul); any device and dtype (computed in at least float32, returned in the features'
-dtype). (A banded variant that skips the zero weights was measured slower on CPU: gathers are memory-bound, GEMMs are not.)
+dtype). (A banded variant that skips the zero weights was measured slower on CPU: gathers are memory-bound, GEMMs
+are not.)
 
 Memory: boxes are processed in chunks whose working set (crop + partial products + output) stays under `CHUNK_ELEMENTS`
 elements; boxes are sorted by size first when more than one chunk is needed. LLaVA-UHD v2 (144 windows of a 96x96x4096
 map, 3x3 output) fits in a few chunks; MG-LLaVA (100 boxes x 2880 channels x 56x56 output on a 192x192 map) takes about
-one full-image box per chunk, and its output alone is 100*2880*56*56 = 0.9 G elements: when only the mean over the output
-grid is wanted (MG-LLaVA's object tokens), use `roi_align_mean`, which is exact and needs no (K, C, oh, ow) tensor.
+one full-image box per chunk, and its output alone is 100*2880*56*56 = 0.9 G elements: when only the mean over the
+output grid is wanted (MG-LLaVA's object tokens), use `roi_align_mean`, which is exact and needs no (K, C, oh, ow)
+tensor.
 """
 
 from collections.abc import Sequence
@@ -179,7 +181,8 @@ def _plan_chunks(geometry, channels, out_h, out_w) -> list[torch.Tensor]:
     num_boxes = gy.start.shape[0]
     device = gy.start.device
 
-    def cost(span_y, span_x, grid_y, grid_x):  # elements per box: crop (+ its cast), x-pooled crop, output, weights, samples
+    # elements held per box: crop (+ its cast), x-pooled crop, output, weights, samples
+    def cost(span_y, span_x, grid_y, grid_x):
         return (
             channels * (2 * span_y * span_x + span_y * out_w + out_h * out_w)
             + out_h * (span_y + 2 * grid_y)
@@ -219,7 +222,8 @@ def _interpolation_matrix(geom: _AxisGeometry, compute_dtype) -> tuple[torch.Ten
     grid = geom.grid.to(compute_dtype).clamp(min=1)[:, None, None]
     bin_size = geom.bin_size[:, None, None]
     # (K, out, max_grid) sample positions, the kernel's expression and evaluation order
-    pos = geom.start[:, None, None] + bins[None, :, None] * bin_size + ((samples[None, None, :] + 0.5) * bin_size) / grid
+    offsets = ((samples[None, None, :] + 0.5) * bin_size) / grid
+    pos = geom.start[:, None, None] + bins[None, :, None] * bin_size + offsets
     in_grid = samples[None, None, :] < geom.grid[:, None, None]
     valid = in_grid & (pos >= -1.0) & (pos <= geom.length)
     pos = torch.where(valid, pos, torch.zeros_like(pos)).clamp(min=0)
@@ -277,7 +281,9 @@ def _rois_from_boxes(boxes, num_images, device, dtype) -> torch.Tensor:
         rois = []
         for i, b in enumerate(boxes):
             if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"roi_align: boxes[{i}] must be a (K_i, 4) tensor of [x1, y1, x2, y2], got {_describe(b)}")
+                raise ValueError(
+                    f"roi_align: boxes[{i}] must be a (K_i, 4) tensor of [x1, y1, x2, y2], got {_describe(b)}"
+                )
             if not b.is_floating_point():
                 b = b.to(dtype)
             b = b.to(device=device, dtype=dtype)

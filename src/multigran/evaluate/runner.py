@@ -1,0 +1,153 @@
+"""Evaluation on LLaVA-format question files: greedy answers, exact-match accuracy per question type, visual tokens
+per image and prefill latency, for one visual setting (e.g. a fixed granularity or the router)."""
+
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..image_io import load_image
+
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, punctuation removed, whitespace collapsed (LLaVA-style short-answer matching)."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def question_and_answer(record: dict, where: str) -> tuple[str, str]:
+    """The first human turn (image placeholders removed) and the first assistant turn of a LLaVA record."""
+    turns = record.get("conversations") or []
+    human = next((t["value"] for t in turns if t.get("from") == "human"), None)
+    answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+    if human is None or answer is None:
+        raise ValueError(f"{where}: record {record.get('id')!r} needs a human and a gpt turn")
+    return human.replace("<image>", "").strip(), answer.strip()
+
+
+def build_prompt(processor, question: str, n_images: int) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def evaluate_records(model, processor, records, image_folder, *, where="records", processor_options=None,
+                     generate_options=None, boxes=None, batch_size=16, max_new_tokens=8, latency_samples=16,
+                     progress=True) -> dict:
+    """Answers every record greedily; returns {"predictions": [...], "summary": {...}}.
+
+    processor_options: method options of the processor (e.g. {"granularity": 144}); generate_options: of generate
+    (e.g. {"granularity_bias": 0.5}); boxes: {str(id): box record} for MG-LLaVA (passed as the `boxes` option).
+    Prefill latency is timed separately at batch size 1 on the first `latency_samples` records.
+    """
+    processor_options = dict(processor_options or {})
+    generate_options = dict(generate_options or {})
+    image_folder = Path(image_folder)
+    processor.tokenizer.padding_side = "left"
+    device = model.device
+    predictions = []
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    for batch in tqdm(batches, desc="evaluate", disable=not progress, unit="batch"):
+        questions, answers, images = [], [], []
+        for record in batch:
+            question, answer = question_and_answer(record, where)
+            questions.append(question)
+            answers.append(answer)
+            images.append(load_image(image_folder / record["image"]) if record.get("image") else None)
+        options = dict(processor_options)
+        if boxes is not None:
+            options["boxes"] = [boxes.get(str(record["id"])) for record in batch]
+        prompts = [build_prompt(processor, q, int(image is not None)) for q, image in zip(questions, images)]
+        inputs = processor(images=[im for im in images if im is not None] or None, text=prompts, **options)
+        inputs = inputs.to(device)
+        with torch.inference_mode():
+            output = model.generate(**inputs, **generate_options, max_new_tokens=max_new_tokens, do_sample=False)
+        report = getattr(model, "last_visual_report", None) or []
+        texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        placeholder = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+        image_index = 0
+        for row, (record, answer, text) in enumerate(zip(batch, answers, texts)):
+            entry = {"id": record.get("id"), "question_type": record.get("question_type", "all"),
+                     "answer": answer, "prediction": text.strip(), "correct": exact_match(text, answer)}
+            if images[row] is not None:
+                info = report[image_index] if image_index < len(report) else {"visual_tokens": placeholder[row]}
+                entry["visual_tokens"] = info["visual_tokens"]
+                if "granularity" in info:
+                    entry["granularity"] = info["granularity"]
+                image_index += 1
+            predictions.append(entry)
+    latency = measure_prefill(model, processor, records[:latency_samples], image_folder, processor_options,
+                              generate_options, boxes)
+    return {"predictions": predictions, "summary": summarize(predictions, latency)}
+
+
+def measure_prefill(model, processor, records, image_folder, processor_options, generate_options, boxes):
+    """Seconds of one prompt's prefill (batch 1): image encoding, routing if any, and the LM over the prompt."""
+    seconds = []
+    for record in records:
+        question, _ = question_and_answer(record, "records")
+        image = load_image(image_folder / record["image"]) if record.get("image") else None
+        options = dict(processor_options)
+        if boxes is not None:
+            options["boxes"] = [boxes.get(str(record["id"]))]
+        inputs = processor(images=image, text=build_prompt(processor, question, int(image is not None)),
+                           **options).to(model.device)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(**inputs, **generate_options, max_new_tokens=1, do_sample=False)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) if seconds else None
+
+
+def summarize(predictions, prefill_seconds=None) -> dict:
+    """Accuracy overall and per question type, mean visual tokens, the granularity distribution per type."""
+    def accuracy(items):
+        return 100.0 * sum(p["correct"] for p in items) / len(items) if items else None
+
+    types = sorted({p["question_type"] for p in predictions})
+    with_tokens = [p["visual_tokens"] for p in predictions if "visual_tokens" in p]
+    summary = {
+        "samples": len(predictions),
+        "accuracy": accuracy(predictions),
+        "accuracy_by_type": {t: accuracy([p for p in predictions if p["question_type"] == t]) for t in types},
+        "mean_visual_tokens": statistics.mean(with_tokens) if with_tokens else 0.0,
+        "prefill_seconds": prefill_seconds,
+    }
+    if any("granularity" in p for p in predictions):
+        summary["granularity_by_type"] = {
+            t: _counts([p["granularity"] for p in predictions if p["question_type"] == t and "granularity" in p])
+            for t in types
+        }
+    return summary
+
+
+def _counts(values) -> dict:
+    out = {}
+    for value in values:
+        out[str(value)] = out.get(str(value), 0) + 1
+    return dict(sorted(out.items(), key=lambda item: int(item[0])))
+
+
+def load_question_file(path) -> list[dict]:
+    """A LLaVA-format JSON list or JSONL file of records, with errors naming the file and line."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return records

@@ -1,0 +1,326 @@
+"""Hierarchical window attention: the "Hiwin" projector of LLaVA-UHD v2 (spec llava-uhd-v2.md sections 4-5).
+
+Compresses each slice's inverse feature pyramid (levels 1x/2x/4x of CLIP layer -2 features, C = 1024) into 144 tokens
+that land directly in the LLM embedding space. Module and parameter names match the release keys under
+`model.mm_projector.` (release class `AdaptSpatialResampler`, methods `prepare_single_key_value` /
+`query_with_parallel_attn`, thunlp/LLaVA-UHD branch LLaVA-UHD-v2), so converting a checkpoint is a prefix rename.
+
+Per slice and active level l with map X_l (h_l, w_l, C):
+    values V_l = LN_kv(W_l X_l)                          (h_l, w_l, D)
+    keys   K_l = V_l + PE(h_l, w_l) + e_l                 PE: 12x12 2-D sin-cos table, bicubic-resized to (h_l, w_l)
+    a fixed 12x12 grid of windows of float size (h_l/12, w_l/12) (the same normalised windows at every level);
+    RoIAlign of K_l and V_l in every window to an (oh, ow) grid -> window i gets L = sum_l oh*ow keys.
+Queries: four independent sets query_1..4, each 144 x D. Reading of the spec's "query k attends only to window k's keys"
+(confirmed by the release code): k indexes the 144 grid positions, not the 4 sets. Query i of EVERY set attends to the
+L keys of window i only (windows on the batch axis, a single query per window), through one shared
+nn.MultiheadAttention. The four sets are four "views" of the same window, merged afterwards:
+    y = LN_post(cat_proj([LN_proj(y_1); ...; LN_proj(y_4)])) @ proj             (144, D)
+
+Conventions settled here:
+- Pooling sizes "2x4" etc. are (height, width) = (rows, columns), as the release passes them to RoIAlign: its candidate
+  list is written (w, h), compared with log(w / h) of the map and returned as (h, w). A wide slice (w/h ~ 2) pools each
+  window to 2 rows x 4 columns.
+- compat=True (release): the pooling size depends only on the map's aspect ratio (the same at every level), window boxes
+  are rounded to the working dtype before RoIAlign (the release casts them to bf16). compat=False (paper, Table 4
+  "Pyramid"): the base size is scaled by the level factor, e.g. [2x3], [4x6], [8x12] at 1x/2x/4x, boxes kept in float32.
+- The 2-D sin-cos table is MAE's (`get_2d_sincos_pos_embed`): the first half of the channels encodes the column index,
+  the second half the row index (MAE meshgrids w first). It is stored as a persistent, non-trainable buffer `pos_embed`.
+- Slices whose maps differ in size get different key counts L; keys are zero-padded and masked
+  (key_padding_mask), exactly like the release, so one attention call serves all slices.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import roi_align
+
+# Numbers of the release (thunlp/LLaVA-UHD, LLaVA-UHD-v2 branch, adapt_spatial_resampler.py).
+GRID_SIZE = 12  # 12 x 12 = 144 queries and windows per slice
+HEAD_DIM = 128  # nn.MultiheadAttention(D, D // 128)
+LAYER_NORM_EPS = 1e-6
+QUERY_INIT_STD = 0.02
+NUM_QUERY_SETS = 4
+# feature_scale_mask bit -> (level name in the release keys, upsampling factor of that level)
+LEVELS = {1: ("1x", 1), 2: ("2x", 2), 4: ("4x", 4)}
+# RoIAlign output sizes per window as (height, width), in the release's search order (ties keep the first).
+POOLING_CANDIDATES = ((2, 4), (2, 3), (3, 4), (3, 3), (4, 2), (3, 2), (4, 3))
+
+
+def sincos_2d_position_embedding(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table -> (grid_size**2, embed_dim), float32, positions in raster order.
+
+    Row r, column c: [sin(c * w), cos(c * w), sin(r * w), cos(r * w)], w_i = 10000^(-i / (D/4)), i < D/4.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sincos_2d_position_embedding: embed_dim must be a multiple of 4, got {embed_dim}")
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+    index = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(index, index, indexing="ij")
+
+    def encode(pos):  # (g*g,) -> (g*g, D/2)
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def resize_position_embedding(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(g*g, D) table -> (height, width, D): bicubic, align_corners=False, computed in float32 (release get_abs_pos)."""
+    grid = math.isqrt(pos_embed.shape[0])
+    table = pos_embed.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
+    return resized[0].permute(1, 2, 0)
+
+
+def window_boxes(height: int, width: int, grid_size: int = GRID_SIZE) -> torch.Tensor:
+    """The grid_size x grid_size windows of a (height, width) map as (grid_size**2, 4) float32 [x1, y1, x2, y2].
+
+    Raster order (row-major, matching the query order). Window size (height / g, width / g), computed with the
+    release's expressions (`slice_image_feature_minicpm`) so the float32 coordinates are bit-identical.
+    """
+    num_windows = grid_size * grid_size
+    window_h = math.sqrt(height * width / num_windows / (width / height))
+    window_w = window_h * (width / height)
+    if round(height / window_h) != grid_size or round(width / window_w) != grid_size:
+        raise ValueError(f"window_boxes: cannot tile a {height}x{width} map with {grid_size}x{grid_size} windows")
+    index = torch.arange(grid_size, dtype=torch.float64)
+    y1 = (index * window_h)[:, None].expand(grid_size, grid_size)
+    x1 = (index * window_w)[None, :].expand(grid_size, grid_size)
+    boxes = torch.stack([x1, y1, x1 + window_w, y1 + window_h], dim=-1)
+    return boxes.reshape(num_windows, 4).float()
+
+
+def pooling_size(height: int, width: int, level_factor: int = 1, compat: bool = True) -> tuple[int, int]:
+    """RoIAlign output (oh, ow) for each window of a (height, width) map.
+
+    The candidate nearest to the map's aspect ratio in log space (release `cal_best_pooling_size`); compat=False scales
+    it by the level factor (the paper's region-level pyramid).
+    """
+    log_ratio = math.log(width / height)
+    best, best_error = (3, 3), float("inf")
+    for out_h, out_w in POOLING_CANDIDATES:
+        error = abs(log_ratio - math.log(out_w / out_h))
+        if error < best_error:
+            best, best_error = (out_h, out_w), error
+    if compat:
+        return best
+    return best[0] * level_factor, best[1] * level_factor
+
+
+class HiwinProjector(nn.Module):
+    """LLaVA-UHD v2 hierarchical window attention: feature pyramid of each slice -> (grid_size**2, embed_dim) tokens.
+
+    Args:
+        embed_dim: D, the LLM hidden size.
+        vision_dim: channels of the pyramid levels (CLIP-L: 1024).
+        grid_size: queries/windows per side (144 = 12 x 12 tokens per slice).
+        feature_scale_mask: bitmask of the active levels, 1 = 1x, 2 = 2x, 4 = 4x (release default 7; its Qwen2/13B
+            scripts use 5). The parameters of all three levels exist regardless, as in the release checkpoints.
+        compat: release behaviour (default) or the paper's level-scaled pooling grids; see the module docstring.
+        num_heads: attention heads, default D // 128.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        vision_dim: int = 1024,
+        grid_size: int = GRID_SIZE,
+        feature_scale_mask: int = 7,
+        compat: bool = True,
+        num_heads: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(feature_scale_mask, int) or not 1 <= feature_scale_mask <= 7:
+            raise ValueError(
+                f"HiwinProjector: feature_scale_mask must be a non-empty bitmask of 1 (1x), 2 (2x), 4 (4x), "
+                f"got {feature_scale_mask!r}"
+            )
+        if num_heads is None:
+            if embed_dim % HEAD_DIM:
+                raise ValueError(
+                    f"HiwinProjector: embed_dim {embed_dim} is not a multiple of {HEAD_DIM}; pass num_heads explicitly"
+                )
+            num_heads = embed_dim // HEAD_DIM
+        if embed_dim % 4 or embed_dim % num_heads:
+            raise ValueError(
+                f"HiwinProjector: embed_dim {embed_dim} must be a multiple of 4 and of num_heads {num_heads}"
+            )
+        self.embed_dim, self.vision_dim, self.grid_size = embed_dim, vision_dim, grid_size
+        self.num_queries = grid_size * grid_size
+        self.feature_scale_mask, self.compat = feature_scale_mask, compat
+        self.active_levels = [bit for bit in LEVELS if feature_scale_mask & bit]
+
+        for k in range(1, NUM_QUERY_SETS + 1):
+            setattr(self, f"query_{k}", nn.Parameter(torch.empty(self.num_queries, embed_dim)))
+        # Fixed, saved with the weights (the release stores it as a frozen parameter), not trainable.
+        self.register_buffer("pos_embed", sincos_2d_position_embedding(embed_dim, grid_size), persistent=True)
+        for name, _ in LEVELS.values():
+            setattr(self, f"feature_{name}_embedding", nn.Parameter(torch.zeros(1, 1, embed_dim)))
+            setattr(self, f"features_{name}_projector", nn.Linear(vision_dim, embed_dim))
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.ln_proj = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.cat_proj = nn.Linear(NUM_QUERY_SETS * embed_dim, embed_dim)
+        self.proj = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Release initialisation: Linear weights (attn.out_proj included) trunc-normal std 0.02 with zero bias,
+        attn.in_proj xavier-uniform (nn.MultiheadAttention default), LayerNorms 1/0, queries trunc-normal std 0.02,
+        level embeddings 0, proj = D^-0.5 * N(0, 1), pos_embed = the sin-cos table."""
+        self.attn._reset_parameters()
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for k in range(1, NUM_QUERY_SETS + 1):
+            nn.init.trunc_normal_(getattr(self, f"query_{k}"), std=QUERY_INIT_STD)
+        for name, _ in LEVELS.values():
+            nn.init.zeros_(getattr(self, f"feature_{name}_embedding"))
+        self.proj.normal_(0.0, self.embed_dim**-0.5)
+        self.pos_embed.copy_(sincos_2d_position_embedding(self.embed_dim, self.grid_size))
+
+    def forward(self, pyramids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Project the feature pyramids of a batch of slices.
+
+        Args:
+            pyramids: one entry per slice: a sequence with one map per active level, in order 1x, 2x, 4x (only the
+                levels in feature_scale_mask), each (C, h_l, w_l). An entry may also hold (S, C, h_l, w_l) maps: S
+                slices of the same size. Slices of different sizes may be mixed freely.
+
+        Returns:
+            (total slices, grid_size**2, D) tokens, slices in input order, tokens in raster order.
+        """
+        entries = [self._check_pyramid(i, pyramid) for i, pyramid in enumerate(pyramids)]
+        if not entries:
+            raise ValueError("HiwinProjector: got no slice")
+        # Same-size slices share one projection / RoIAlign pass (a loop over sizes: a handful per image).
+        groups: dict[tuple, list[int]] = {}
+        for i, levels in enumerate(entries):
+            groups.setdefault(tuple(level.shape[-2:] for level in levels), []).append(i)
+        keys, values, members = [], [], []
+        for indices in groups.values():
+            levels = [torch.cat([entries[i][l] for i in indices]) for l in range(len(self.active_levels))]
+            k, v = self.window_keys_values(levels)
+            keys.append(k)
+            values.append(v)
+            members.append(indices)
+        tokens = self.attend(keys, values)  # list of (S_group, grid**2, D)
+        per_entry = {}
+        for indices, group_tokens in zip(members, tokens):
+            sizes = [entries[i][0].shape[0] for i in indices]
+            per_entry.update(zip(indices, group_tokens.split(sizes)))
+        return torch.cat([per_entry[i] for i in range(len(entries))])
+
+    def window_keys_values(self, levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every window: (S, C, h_l, w_l) per active level -> two (S * grid**2, L, D) tensors.
+
+        L = sum over levels of oh_l * ow_l (e.g. 27 for mask 7 on square slices in compat mode); keys of a window are
+        ordered level by level (1x, 2x, 4x), raster order inside each level's pooled grid.
+        """
+        keys, values = [], []
+        for bit, level in zip(self.active_levels, levels):
+            name, factor = LEVELS[bit]
+            projector = getattr(self, f"features_{name}_projector")
+            embedding = getattr(self, f"feature_{name}_embedding")
+            num_slices, _, height, width = level.shape
+            value = self.ln_kv(projector(level.permute(0, 2, 3, 1).to(projector.weight.dtype)))  # (S, h, w, D)
+            position = resize_position_embedding(self.pos_embed, height, width).to(value.dtype)  # (h, w, D)
+            key = value + position + embedding.to(value.dtype)
+
+            boxes = window_boxes(height, width, self.grid_size).to(value.device)
+            if self.compat:  # the release casts the window boxes to the working dtype (bf16) before RoIAlign
+                boxes = boxes.to(value.dtype)
+            slice_index = torch.arange(num_slices, device=value.device, dtype=boxes.dtype)
+            rois = torch.cat(
+                [slice_index.repeat_interleave(self.num_queries)[:, None], boxes.repeat(num_slices, 1)], dim=1
+            )  # (S * g*g, 5), slice-major then raster order
+            size = pooling_size(height, width, factor, self.compat)
+            for target, feature_map in ((keys, key), (values, value)):
+                pooled = roi_align(feature_map.permute(0, 3, 1, 2), rois, size, 1.0, -1, False)  # (S*g*g, D, oh, ow)
+                target.append(pooled.flatten(2).transpose(1, 2))  # -> (S*g*g, oh*ow, D)
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def attend(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Window attention of the four query sets over groups of windows whose key counts L may differ.
+
+        keys[i], values[i]: (S_i * grid**2, L_i, D). Returns [(S_i, grid**2, D)].
+        """
+        max_len = max(k.shape[1] for k in keys)
+        counts = [k.shape[0] // self.num_queries for k in keys]
+        padding_mask = None
+        if any(k.shape[1] != max_len for k in keys):  # zero-pad and mask, like the release
+            padding_mask = torch.cat(
+                [
+                    (torch.arange(max_len, device=k.device) >= k.shape[1]).expand(k.shape[0], max_len)
+                    for k in keys
+                ]
+            )
+            keys = [F.pad(k, (0, 0, 0, max_len - k.shape[1])) for k in keys]
+            values = [F.pad(v, (0, 0, 0, max_len - v.shape[1])) for v in values]
+        all_keys, all_values = torch.cat(keys), torch.cat(values)  # (B, L, D), B = total slices * g*g
+
+        # (g*g, 4, D): the four query sets side by side on the query axis. Each query attends on its own, so this is
+        # the release's four attention calls in one.
+        queries = torch.stack(
+            [
+                self.ln_q(getattr(self, f"query_{k}")) + self.pos_embed.to(self.ln_q.weight.dtype)
+                for k in range(1, NUM_QUERY_SETS + 1)
+            ],
+            dim=1,
+        )
+        queries = queries.repeat(sum(counts), 1, 1).to(all_keys.dtype)  # (B, 4, D): query i of slice s -> window i
+        attended, _ = self.attn(queries, all_keys, all_values, key_padding_mask=padding_mask, need_weights=False)
+        merged = self.ln_proj(attended).flatten(1)  # (B, 4, D) -> (B, 4D) = [y_1; y_2; y_3; y_4]
+        tokens = self.ln_post(self.cat_proj(merged)) @ self.proj  # (B, D)
+        return list(tokens.view(-1, self.num_queries, self.embed_dim).split(counts))
+
+    def _check_pyramid(self, index, pyramid) -> list[torch.Tensor]:
+        where = f"HiwinProjector: slice {index}"
+        if isinstance(pyramid, torch.Tensor) or not isinstance(pyramid, Sequence):
+            raise ValueError(
+                f"{where}: expected a sequence of {len(self.active_levels)} level maps (C, h, w), "
+                f"got {type(pyramid).__name__}; wrap a single slice as [[level_1x, ...]]"
+            )
+        names = [LEVELS[bit][0] for bit in self.active_levels]
+        if len(pyramid) != len(names):
+            raise ValueError(
+                f"{where}: feature_scale_mask {self.feature_scale_mask} expects {len(names)} levels {names}, "
+                f"got {len(pyramid)}"
+            )
+        levels = []
+        for name, level in zip(names, pyramid):
+            if not isinstance(level, torch.Tensor) or level.dim() not in (3, 4):
+                got = f"shape {tuple(level.shape)}" if isinstance(level, torch.Tensor) else type(level).__name__
+                raise ValueError(f"{where}, level {name}: expected a (C, h, w) or (S, C, h, w) tensor, got {got}")
+            level = level if level.dim() == 4 else level[None]
+            if level.shape[1] != self.vision_dim or level.shape[2] == 0 or level.shape[3] == 0:
+                raise ValueError(
+                    f"{where}, level {name}: expected {self.vision_dim} channels and a non-empty map, "
+                    f"got shape {tuple(level.shape)}"
+                )
+            if levels and level.shape[0] != levels[0].shape[0]:
+                raise ValueError(
+                    f"{where}, level {name}: {level.shape[0]} slices but level {names[0]} has {levels[0].shape[0]}"
+                )
+            levels.append(level)
+        return levels
+
+
+__all__ = [
+    "HiwinProjector",
+    "pooling_size",
+    "resize_position_embedding",
+    "sincos_2d_position_embedding",
+    "window_boxes",
+]
