@@ -86,3 +86,31 @@ def test_rglf_step_runs_the_tower_once_and_trains_only_the_router(setup):
         expected = rglf_loss(torch.stack(router_logits), nll)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert metrics["rglf_samples"] == 2
+
+
+def test_token_cost_ranks_near_ties_by_visual_tokens(setup, monkeypatch):
+    """With the LMM indifferent (equal NLL at every level), a token cost makes the cheapest level the CE target."""
+    import multigran.train.avg as avg_training
+
+    model, processor, images = setup
+    model.eval()
+    batch = dict(batch_at(processor, images, "auto"))
+    levels = len(model.visual.level_tokens)
+
+    def flat_nll(model, batch, crops):
+        tokens = torch.tensor([[10.0 * (i + 1) for i in range(levels)]] * 2)
+        return torch.ones(2, levels), tokens
+
+    monkeypatch.setattr(avg_training, "granularity_nll", flat_nll)
+    captured = {}
+    real_rglf_loss = avg_training.rglf_loss
+
+    def spy(logits, target, *args, **kwargs):
+        captured["target"] = target
+        return real_rglf_loss(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(avg_training, "rglf_loss", spy)
+    avg_training.rglf_training_loss(model, batch, token_cost=2.0)
+    # target = 1 + 2 * tokens / 1000: strictly increasing with the level, so level 0 ranks first.
+    expected = 1 + 2.0 * torch.tensor([[10.0 * (i + 1) for i in range(levels)]] * 2) / 1000
+    torch.testing.assert_close(captured["target"], expected)

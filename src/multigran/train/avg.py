@@ -46,21 +46,28 @@ def multi_granularity_loss(model, batch, **unused):
 
 
 @torch.no_grad()
-def granularity_nll(model, batch, crops) -> torch.Tensor:
-    """Per sample and granularity, the frozen LMM's mean answer NLL: (batch, levels). One forward per level."""
-    columns = []
+def granularity_nll(model, batch, crops) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and granularity, the frozen LMM's mean answer NLL and the sample's visual tokens: two
+    (batch, levels) tensors. One forward per level."""
+    columns, tokens = [], []
     for granularity in model.visual.level_tokens:
         input_ids, attention_mask, labels, features = _at_granularity(model, batch, crops, granularity)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, image_features=features).logits
         columns.append(answer_nll(logits, labels))
-    return torch.stack(columns, dim=1)
+        tokens.append((input_ids == model.config.image_token_id).sum(dim=1))
+    return torch.stack(columns, dim=1), torch.stack(tokens, dim=1).float()
 
 
 def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGHT, margin_scale=MARGIN_SCALE,
-                       **unused):
+                       token_cost=0.0, **unused):
     """Stage 4 (RGLF): router logits from the unpooled features and the instruction (answers masked out), ranked
     against the LMM's per-granularity NLL. A sample's images share its NLL, so its logits are their mean.
-    Samples without an image or without answer tokens do not count. Returns (loss, metrics)."""
+    Samples without an image or without answer tokens do not count. Returns (loss, metrics).
+
+    token_cost (beyond the paper; 0 = RGLF as published): nats per 1000 visual tokens added to each level's NLL before
+    ranking, so that when the LMM answers equally well at several levels the cheaper one ranks first. Without it the
+    ranking among near-tied levels (e.g. every level for a question about the background colour) is noise.
+    """
     visual = model.visual
     if batch.get("pixel_values") is None:
         zero = sum(p.sum() for p in visual.router.parameters()) * 0.0  # keeps DDP's graph whole
@@ -68,7 +75,8 @@ def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGH
     input_ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():  # everything but the router is frozen: its inputs carry no graph
         crops = visual.encode_crops(model.vision_tower, batch["pixel_values"], batch["image_sizes"])
-        nll = granularity_nll(model, batch, crops)  # (B, levels)
+        nll, tokens = granularity_nll(model, batch, crops)  # (B, levels) each
+        target = nll + token_cost * tokens / 1000
         instruction = model.embed_text(input_ids)
     old = visual.placeholder_counts(batch["image_sizes"], batch.get("image_granularity"))
     owners = images_to_samples(input_ids, model.config.image_token_id, old)
@@ -76,12 +84,12 @@ def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGH
     owner_index = torch.tensor(owners, device=logits.device)
     per_sample = logits.new_zeros(input_ids.shape[0], logits.shape[1]).index_add(0, owner_index, logits)
     images_per_sample = torch.bincount(owner_index, minlength=input_ids.shape[0])
-    keep = (images_per_sample > 0) & torch.isfinite(nll).all(dim=1)
+    keep = (images_per_sample > 0) & torch.isfinite(target).all(dim=1)
     if not keep.any():
         return logits.sum() * 0.0, {"rglf_samples": 0}
     per_sample = per_sample[keep] / images_per_sample[keep, None]
-    parts = rglf_loss(per_sample, nll[keep], ce_weight, rank_weight, margin_scale, return_parts=True)
-    best = nll[keep].argmin(dim=1)
+    parts = rglf_loss(per_sample, target[keep], ce_weight, rank_weight, margin_scale, return_parts=True)
+    best = target[keep].argmin(dim=1)
     metrics = {"rglf_ce": float(parts["ce"].detach()), "rglf_rank": float(parts["rank"].detach()), "rglf_samples": int(keep.sum()),
                "router_top1_agreement": float((per_sample.argmax(dim=1) == best).float().mean())}
     return parts["loss"], metrics
