@@ -1,0 +1,47 @@
+"""A multigran checkpoint of one method -> the same weights under another method (e.g. AVG-LLaVA's stage 3 starts
+from a LLaVA-NeXT `anyres` stage-2 model and adds the router).
+
+Every tensor the two methods share moves over unchanged; the new method's own modules (the router, ...) start from
+their initialisation; tensors the new method does not have are reported and dropped.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor
+
+from ..configuration import MultiGranConfig
+from ..modeling import MultiGranForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+
+def switch_method(src_dir, dst_dir, method: str, method_settings: dict | None = None, seed: int = 0) -> dict:
+    """Writes `dst_dir` (model + processor) with `method`; returns {"new": [...], "dropped": [...]} parameter names."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    config = MultiGranConfig.from_pretrained(src_dir)
+    config.method = method
+    config.method_settings = dict(method_settings or {})
+    source = MultiGranForConditionalGeneration.from_pretrained(src_dir)
+    torch.manual_seed(seed)
+    target = MultiGranForConditionalGeneration(config)
+    source_state, target_state = source.state_dict(), target.state_dict()
+    shared = {k: v for k, v in source_state.items() if k in target_state and target_state[k].shape == v.shape}
+    mismatched = [k for k, v in source_state.items() if k in target_state and target_state[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"{src_dir}: tensors change shape under method {method!r}: {mismatched[:10]}")
+    target.load_state_dict(shared, strict=False)
+    report = {"new": sorted(set(target_state) - set(source_state)),
+              "dropped": sorted(set(source_state) - set(target_state))}
+    if report["dropped"]:
+        logger.warning("method %r has no place for %d tensors of %s: %s", method, len(report["dropped"]), src_dir,
+                       report["dropped"][:10])
+    target.save_pretrained(dst_dir)
+    processor = AutoProcessor.from_pretrained(src_dir)
+    processor.image_processor.method = method
+    processor.image_processor.method_settings = dict(config.method_settings)
+    processor.save_pretrained(dst_dir)
+    logger.info("%s (%s) -> %s (%s): %d new tensors", src_dir, source.config.method, dst_dir, method,
+                len(report["new"]))
+    return report
