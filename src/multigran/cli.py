@@ -84,7 +84,9 @@ def generate_command(args):
     if args.granularity is not None:
         options["granularity"] = parse_granularity(args.granularity)
     if args.boxes is not None:
-        options["boxes"] = args.boxes
+        from .pipelines.mg import read_box_argument
+
+        options["boxes"] = read_box_argument(args.boxes, images)  # a box file's records are matched by image stem
     inputs = processor(images=images or None, text=prompt, **options)  # bad input fails before the model loads
     model = load_model(args.model, args.device, args.dtype)
     inputs = inputs.to(model.device)
@@ -129,14 +131,29 @@ def convert_command(args):
         convert.from_llava_next(args.src, args.dst)
     elif args.source == "avg-llava":
         convert.from_avg_llava(args.src, args.dst, clip_dir=args.clip)
+    elif args.source == "uhd-v2":
+        from .convert.uhd_v2 import from_uhd_v2
+
+        from_uhd_v2(args.src, args.dst, jbu_ckpt=args.jbu, clip_dir=args.clip)
+    elif args.source == "mg-llava":
+        from .convert.mg_llava import from_mg_llava
+
+        from_mg_llava(args.src, args.clip, args.convnext, args.dst, llm_config=args.llm_config)
     print(f"wrote {args.dst}")
 
 
 def add_convert_arguments(parser):
-    parser.add_argument("source", choices=["llava-next", "avg-llava"], help="format of the source checkpoint")
+    parser.add_argument("source", choices=["llava-next", "avg-llava", "uhd-v2", "mg-llava"],
+                        help="format of the source checkpoint")
     parser.add_argument("src", help="source checkpoint directory")
     parser.add_argument("dst", help="output directory")
-    parser.add_argument("--clip", help="avg-llava: a Hugging Face CLIP directory (tower config/weights when missing)")
+    parser.add_argument("--clip", help="avg-llava, uhd-v2: a Hugging Face CLIP directory (tower config/weights when "
+                        "missing); mg-llava: required, the CLIP tower")
+    parser.add_argument("--jbu", help="uhd-v2: the stage-0 JBU checkpoint (clip-large-jbu.ckpt), when SRC lacks the JBU")
+    parser.add_argument("--convnext", help="mg-llava: OpenCLIP convnext_large_d_320 weights (file or folder) or a Hugging "
+                        "Face ConvNext directory")
+    parser.add_argument("--llm-config", help="mg-llava: the base LLM's Hugging Face directory or config.json (config and "
+                        "tokenizer; the .pth has none)")
 
 
 @command("init-tiny", "create a tiny random multigran checkpoint (for trying the tools without downloads)")
@@ -196,12 +213,75 @@ def add_eval_arguments(parser):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
+@command("detect", "detect object boxes with OWLv2 and write an MG-LLaVA box file (resumable)")
+def detect_command(args):
+    from .detect import detect_command as run_detect
+
+    run_detect(args)
+
+
+def add_detect_arguments(parser):
+    from .detect import add_detect_arguments as add
+
+    add(parser)
+
+
+@command("init", "compose a new model from a Hugging Face vision tower and causal LM (the start of stage 1)")
+def init_command(args):
+    from .convert.compose import compose
+
+    fields = {}
+    if args.feature_layer is not None:
+        fields["vision_feature_layer"] = args.feature_layer
+    compose(args.dir, args.method, args.vision, args.llm, json.loads(args.settings) if args.settings else None,
+            hires_dir=args.hires, chat_template=args.chat_template and open(args.chat_template).read(), **fields)
+    print(f"wrote a new '{args.method}' model to {args.dir}")
+
+
+def add_init_arguments(parser):
+    parser.add_argument("dir", help="output directory")
+    parser.add_argument("--method", default="anyres", help="anyres, avg, mg or uhd")
+    parser.add_argument("--vision", required=True, help="Hugging Face CLIP/SigLIP directory (e.g. clip-vit-large-patch14-336)")
+    parser.add_argument("--llm", required=True, help="Hugging Face causal-LM directory with its tokenizer")
+    parser.add_argument("--hires", help="mg: the high-res ConvNeXt (OpenCLIP weights or a Hugging Face ConvNext dir)")
+    parser.add_argument("--settings", help="method_settings as JSON")
+    parser.add_argument("--feature-layer", type=int, help="vision_feature_layer (default -2)")
+    parser.add_argument("--chat-template", help="a Jinja chat-template file (default: the LLM tokenizer's)")
+
+
+@command("switch-method", "re-use a checkpoint's weights under another method (e.g. anyres -> avg for AVG stage 3)")
+def switch_method_command(args):
+    from .convert.method import switch_method
+
+    report = switch_method(args.src, args.dst, args.to, json.loads(args.settings) if args.settings else None)
+    print(f"wrote {args.dst}: {len(report['new'])} new tensors ({args.to}'s own modules), "
+          f"{len(report['dropped'])} dropped")
+
+
+def add_switch_method_arguments(parser):
+    parser.add_argument("src", help="a multigran model directory")
+    parser.add_argument("dst", help="output directory")
+    parser.add_argument("--to", required=True, help="the new method (anyres, avg, mg, uhd)")
+    parser.add_argument("--settings", help="its method_settings as JSON, e.g. '{\"compat\": false}'")
+
+
 ARGUMENTS = {
     "generate": add_generate_arguments,
     "convert": add_convert_arguments,
     "init-tiny": add_init_tiny_arguments,
     "eval": add_eval_arguments,
+    "detect": add_detect_arguments,
+    "switch-method": add_switch_method_arguments,
+    "init": add_init_arguments,
 }
+
+
+from .train.cli import add_merge_lora_arguments, add_train_arguments, merge_lora_command, train_command  # noqa: E402
+
+COMMANDS["train"] = (train_command, "train one stage from a YAML recipe (Hugging Face Trainer: DDP, FSDP, DeepSpeed)")
+COMMANDS["merge-lora"] = (merge_lora_command, "merge LoRA adapters into the base weights and save a plain model")
+ARGUMENTS["train"] = add_train_arguments
+ARGUMENTS["merge-lora"] = add_merge_lora_arguments
 
 
 def build_parser():
@@ -219,7 +299,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.function(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+    except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
         if os.environ.get("MULTIGRAN_DEBUG"):
             raise
         print(f"multigran: error: {error}", file=sys.stderr)

@@ -82,6 +82,12 @@ class MultiGranPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = "cache"
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips, in custom-code models, modules that own no parameter themselves (e.g. a fusion block
+        # whose weights all live in its convs): their `reset_parameters` must still run, so treat ours as library
+        # code. Loaded weights stay protected by transformers' per-parameter "initialised" flags.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # Our own modules carry their papers' initialisation (zero-init gates, Kaiming routers, ...) in
@@ -123,7 +129,8 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
 
     def get_image_features(self, pixel_values, image_sizes, **visual_inputs) -> list[torch.Tensor]:
         """Per image, its visual tokens in the LLM's embedding space: list of (tokens_i, D)."""
-        return self.visual(self.vision_tower, pixel_values=pixel_values, image_sizes=image_sizes, **visual_inputs)
+        return self.visual(self.vision_tower, pixel_values=pixel_values, image_sizes=image_sizes,
+                           embed_tokens=self.get_input_embeddings(), **visual_inputs)
 
     def embed_text(self, input_ids) -> torch.Tensor:
         """The LM's token embeddings; image placeholders read row 0 (they are overwritten by visual tokens), so the

@@ -12,12 +12,16 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from .image_io import DEFAULT_MAX_PIXELS, load_image
 from .pipelines.anyres import anyres_step
 from .pipelines.avg import avg_step
+from .pipelines.mg import mg_step
+from .pipelines.uhd import uhd_step
 
 
 # Method name -> its processor step: (image processor, RGB PIL images, **method options) -> tensors + token counts.
 IMAGE_STEPS = {
     "anyres": anyres_step,
     "avg": avg_step,
+    "mg": mg_step,
+    "uhd": uhd_step,
 }
 
 
@@ -144,7 +148,11 @@ class MultiGranProcessor(ProcessorMixin):
         """Tokenizes each prompt and repeats its k-th image token counts[k] times; checks the context length."""
         input_ids, image_index = [], 0
         for index, (text, n_images) in enumerate(zip(texts, images_per_text)):
-            ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+            # A prompt rendered by a chat template that already starts with BOS gets no second one (as transformers'
+            # `apply_chat_template` does).
+            bos = self.tokenizer.bos_token
+            special = add_special_tokens and not (bos and text.startswith(bos))
+            ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
             positions = [i for i, token in enumerate(ids) if token == self.image_token_id]
             if len(positions) != n_images:
                 raise ValueError(

@@ -77,6 +77,15 @@ def tiny_text_config(kind: str = "llama", vocab_size: int = 320, hidden_size: in
     )
 
 
+# Tiny defaults of methods that need settings to run at tiny sizes (merged under the caller's method_settings).
+TINY_METHOD_SETTINGS = {
+    # A 4-stage ConvNeXt of stride 32 at 256 px: its last stage is 8x8, the tiny CLIP grid (32 / 4).
+    "mg": {"high_res": 256, "convnext_config": {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}},
+    # The window attention has D / 128 heads in the release; the tiny LLM is 64 wide.
+    "uhd": {"num_heads": 2},
+}
+
+
 def tiny_config(method: str = "anyres", vision: str = "clip", text: str = "llama", vocab_size: int = 320,
                 image_size: int = 32, patch_size: int = 4, method_settings: dict | None = None, **overrides):
     """A tiny MultiGranConfig with LLaVA-NeXT geometry scaled down: pinpoints are 1x2, 2x1, 2x2, 3x1, 1x3 tiles."""
@@ -87,7 +96,7 @@ def tiny_config(method: str = "anyres", vision: str = "clip", text: str = "llama
         vision_config=tiny_vision_config(vision, image_size, patch_size),
         text_config=tiny_text_config(text, vocab_size),
         method=method,
-        method_settings=method_settings or {},
+        method_settings={**TINY_METHOD_SETTINGS.get(method, {}), **(method_settings or {})},
         image_token_id=SPECIAL_TOKENS.index("<image>"),
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy=strategy,
@@ -100,7 +109,10 @@ def build_tiny(out_dir=None, method: str = "anyres", seed: int = 0, **config_kwa
     from .modeling import MultiGranForConditionalGeneration
     from .processing import MultiGranImageProcessor, MultiGranProcessor
 
+    from .pipelines import settings_for
+
     tokenizer = build_tiny_tokenizer()
+    config_kwargs["method_settings"] = settings_for(method, config_kwargs.get("method_settings"), tokenizer)
     config = tiny_config(method=method, vocab_size=len(tokenizer), **config_kwargs)
     torch.manual_seed(seed)
     model = MultiGranForConditionalGeneration(config).eval()

@@ -13,6 +13,7 @@ from transformers import AutoProcessor
 
 from ..configuration import MultiGranConfig
 from ..modeling import MultiGranForConditionalGeneration
+from ..pipelines import settings_for
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,9 @@ def switch_method(src_dir, dst_dir, method: str, method_settings: dict | None = 
     """Writes `dst_dir` (model + processor) with `method`; returns {"new": [...], "dropped": [...]} parameter names."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     config = MultiGranConfig.from_pretrained(src_dir)
+    processor = AutoProcessor.from_pretrained(src_dir)
     config.method = method
-    config.method_settings = dict(method_settings or {})
+    config.method_settings = settings_for(method, method_settings, processor.tokenizer)
     source = MultiGranForConditionalGeneration.from_pretrained(src_dir)
     torch.manual_seed(seed)
     target = MultiGranForConditionalGeneration(config)
@@ -38,7 +40,6 @@ def switch_method(src_dir, dst_dir, method: str, method_settings: dict | None = 
         logger.warning("method %r has no place for %d tensors of %s: %s", method, len(report["dropped"]), src_dir,
                        report["dropped"][:10])
     target.save_pretrained(dst_dir)
-    processor = AutoProcessor.from_pretrained(src_dir)
     processor.image_processor.method = method
     processor.image_processor.method_settings = dict(config.method_settings)
     processor.save_pretrained(dst_dir)

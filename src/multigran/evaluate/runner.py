@@ -63,8 +63,8 @@ def evaluate_records(model, processor, records, image_folder, *, where="records"
             answers.append(answer)
             images.append(load_image(image_folder / record["image"]) if record.get("image") else None)
         options = dict(processor_options)
-        if boxes is not None:
-            options["boxes"] = [boxes.get(str(record["id"])) for record in batch]
+        if boxes is not None:  # one entry per image
+            options["boxes"] = [boxes.get(str(r["id"])) for r, image in zip(batch, images) if image is not None]
         prompts = [build_prompt(processor, q, int(image is not None)) for q, image in zip(questions, images)]
         inputs = processor(images=[im for im in images if im is not None] or None, text=prompts, **options)
         inputs = inputs.to(device)
@@ -96,7 +96,7 @@ def measure_prefill(model, processor, records, image_folder, processor_options, 
         question, _ = question_and_answer(record, "records")
         image = load_image(image_folder / record["image"]) if record.get("image") else None
         options = dict(processor_options)
-        if boxes is not None:
+        if boxes is not None and image is not None:
             options["boxes"] = [boxes.get(str(record["id"]))]
         inputs = processor(images=image, text=build_prompt(processor, question, int(image is not None)),
                            **options).to(model.device)

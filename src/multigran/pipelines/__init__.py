@@ -2,11 +2,25 @@
 
 from .anyres import AnyResPipeline
 from .avg import AvgPipeline
+from .mg import MgPipeline
+from .uhd import UhdPipeline
 
 PIPELINES = {
     "anyres": AnyResPipeline,
     "avg": AvgPipeline,
+    "mg": MgPipeline,
+    "uhd": UhdPipeline,
 }
+
+
+def settings_for(method: str, settings: dict | None, tokenizer) -> dict:
+    """`method_settings` completed with what the method reads from the tokenizer (e.g. UHD's separator ids), through
+    the pipeline's optional `settings_from_tokenizer(settings, tokenizer)`."""
+    if method not in PIPELINES:
+        raise ValueError(f"unknown method {method!r}; available methods: {sorted(PIPELINES)}")
+    hook = getattr(PIPELINES[method], "settings_from_tokenizer", None)
+    settings = dict(settings or {})
+    return hook(settings, tokenizer) if hook is not None else settings
 
 
 def build_pipeline(config):
@@ -15,4 +29,4 @@ def build_pipeline(config):
     return PIPELINES[config.method](config)
 
 
-__all__ = ["PIPELINES", "build_pipeline"]
+__all__ = ["PIPELINES", "build_pipeline", "settings_for"]

@@ -7,23 +7,37 @@ Data flow (spec/mg-llava.md, release PhoenixZ810/MG-LLaVA `mg_llava/module/fuse_
   ConvGateFusion(low, last_feat) -> (B, 576, 1024) -> projector -> 576 image tokens
   ObjectTokens(multi_stage, boxes) -> RoIAlign 56x56 -> mean -> bbox_projector -> one token per box
 Module names follow the release checkpoint keys (`projector.model.0`, `bbox_projector.model.2`, `fuse_module.gate.0`).
+
+Method "mg" (bottom of the file): `MgSettings` (method_settings), the processor step `mg_step` (images + boxes ->
+pixel_values, pixel_values_aux, boxes, box_counts, token counts) and `MgPipeline` (the model's `visual` module).
+Per image the LLM receives [grid^2 fused image tokens][K object tokens], K = boxes kept for that image (>= 1).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import ConvNextConfig, ConvNextModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from multigran.data.boxes import HIGH_RES_SIZE
+from multigran.configuration import parse_method_settings
+from multigran.data.boxes import HIGH_RES_SIZE, IOU_THRESHOLD, MAX_BOXES, read_box_file, transform_boxes
 from multigran.ops.roi_align import roi_align_mean
+from multigran.pipelines.anyres import check_crop_geometry
+from multigran.vision import select_vision_features
+from multigran.vision.convnext import convnext_features, convnext_large_d_320_config
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +111,12 @@ class MLPProjector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.model = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def reset_parameters(self) -> None:
+        """Release init = PyTorch's Linear default: XTuner's ProjectorModel never runs transformers' weight init
+        (no post_init, no _init_weights), so this undoes the generic normal(0.02) init of the multigran model."""
+        self.model[0].reset_parameters()
+        self.model[2].reset_parameters()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model(features)
@@ -217,7 +237,329 @@ class ObjectTokens(nn.Module):
 
     def forward(self, multi_stage: torch.Tensor, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """multi_stage (B, 2880, 192, 192), boxes[i] (K_i, 4) in 768-pixel xyxy -> list of (K_i, hidden_size)."""
-        pooled = pool_box_features(multi_stage, boxes, self.image_size, self.output_size)
-        weight = self.bbox_projector.model[0].weight
-        tokens = self.bbox_projector(torch.cat(pooled).to(weight.dtype))  # (sum K_i, 2880) -> (sum K_i, D)
-        return list(tokens.split([len(p) for p in pooled]))
+        return object_tokens(self.bbox_projector, multi_stage, boxes, self.image_size, self.output_size)
+
+
+def object_tokens(
+    bbox_projector: MLPProjector,
+    multi_stage: torch.Tensor,
+    boxes: list[torch.Tensor],
+    image_size: int = HIGH_RES_SIZE,
+    output_size: int = BOX_FEATURE_SIZE,
+) -> list[torch.Tensor]:
+    """One LLM token per box: pool_box_features (RoIAlign mean) then `bbox_projector`; list of (K_i, D)."""
+    pooled = pool_box_features(multi_stage, boxes, image_size, output_size)
+    weight = bbox_projector.model[0].weight
+    tokens = bbox_projector(torch.cat(pooled).to(weight.dtype))  # (sum K_i, 2880) -> (sum K_i, D)
+    return list(tokens.split([len(p) for p in pooled]))
+
+
+# --- method "mg": settings ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MgSettings:
+    """`method_settings` of method "mg". Defaults: the MG-LLaVA release (MGLLaVADataset, MultiFuseObjectLLaVAModel).
+
+    The low-res (CLIP) side is not a setting: it is the vision tower's `image_size` (336 for CLIP ViT-L/14-336),
+    and the feature layer / CLS handling are the config's `vision_feature_layer` / `vision_feature_select_strategy`.
+
+    high_res: side of the square high-res canvas: ConvNeXt input and box coordinate frame (release image_size_aux).
+    convnext_config: the high-res tower's ConvNeXt config as keyword overrides of `convnext_large_d_320_config()`
+        (None = OpenCLIP convnext_large_d_320 itself; a complete Hugging Face ConvNext config dict works too).
+    max_boxes: HARD bound on object tokens per image (release limit_num = 100, a soft cap there); after class-wise
+        NMS, more boxes than this -> top 20 per label (5 if max_boxes < 50), then the best max_boxes by score.
+    nms_iou: IoU threshold of the class-wise NMS (release iou_threshold).
+    grid_mismatch: what the Conv-Gate does when the ConvNeXt last stage and the CLIP token grid differ
+        ("resample" the high-res map bilinearly, or "error"); the release needs high_res / 32 == 336 / 14.
+    roi_output_size: RoIAlign output side before the mean (release box_feat_size).
+    """
+
+    high_res: int = HIGH_RES_SIZE
+    convnext_config: dict | None = None
+    max_boxes: int = MAX_BOXES
+    nms_iou: float = IOU_THRESHOLD
+    grid_mismatch: str = "resample"
+    roi_output_size: int = BOX_FEATURE_SIZE
+
+    def __post_init__(self):
+        for name in ("high_res", "max_boxes", "roi_output_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mg method_settings: {name} must be a positive int, got {value!r}")
+        if isinstance(self.nms_iou, bool) or not isinstance(self.nms_iou, (int, float)) or not 0 <= self.nms_iou <= 1:
+            raise ValueError(f"mg method_settings: nms_iou must be a number in [0, 1], got {self.nms_iou!r}")
+        if self.grid_mismatch not in ("resample", "error"):
+            raise ValueError(
+                f"mg method_settings: grid_mismatch must be 'resample' or 'error', got {self.grid_mismatch!r}"
+            )
+        if self.convnext_config is not None and not isinstance(self.convnext_config, Mapping):
+            raise ValueError(
+                f"mg method_settings: convnext_config must be a dict, got {type(self.convnext_config).__name__}"
+            )
+
+    def hires_config(self) -> ConvNextConfig:
+        return convnext_large_d_320_config(**dict(self.convnext_config or {}))
+
+
+def mg_settings(method_settings: Mapping | None) -> MgSettings:
+    """MgSettings from a plain dict (config.method_settings or the image processor's), unknown keys rejected."""
+    return parse_method_settings(MgSettings, SimpleNamespace(method="mg", method_settings=dict(method_settings or {})))
+
+
+# --- method "mg": boxes given by the user ---------------------------------------------------------------------------
+#
+# `boxes` (processor option) = one entry per image; an entry is
+#   - None: no detections -> one all-zero box, as the release does for images without boxes;
+#   - a record {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]} (a box-file record, e.g.
+#     `read_box_file(path)[id]`): the release's load-time pipeline, class-wise NMS included;
+#   - boxes alone: a (K, 4) list / numpy array / tensor of [x1, y1, x2, y2]: taken as given (scores 1, one label per
+#     box, so NMS never drops one of them; order kept; the max_boxes cap keeps the first ones);
+#   - a string: a box-file path or JSON text (a record or a list of boxes). A box file must hold exactly one record,
+#     unless the image names are known (`read_box_argument(text, image_paths)`, as `multigran generate --boxes`
+#     does): then each image takes the record whose id is its file stem (or file name).
+# For a single image, `boxes` may also be that image's entry itself. Coordinates are absolute pixels of the ORIGINAL
+# image (before the square padding).
+
+
+def read_box_argument(text: str, image_paths=None):
+    """A box-file path or JSON text (the CLI's `--boxes FILE|JSON`) -> a `boxes` value for the processor.
+
+    A file whose records are keyed by image: with `image_paths`, one record per image looked up by the image's file
+    stem (then its file name); a file with a single record applies to a single image. JSON text is returned parsed.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"boxes: expected a box-file path or JSON text, got {type(text).__name__}")
+    names = [Path(os.fspath(p)) for p in image_paths] if image_paths is not None else None
+    if names is not None and not names:
+        raise ValueError("boxes were given but no image: object boxes belong to an image (pass --image)")
+    stripped = text.strip()
+    if not stripped.startswith(("[", "{")) or os.path.isfile(text):
+        if not os.path.isfile(text):
+            raise ValueError(
+                f"boxes: {text!r} is neither an existing box file nor JSON boxes ([[x1, y1, x2, y2], ...])"
+            )
+        records = read_box_file(text)  # errors name the file and the record
+        if names is not None:
+            found = [records.get(n.stem, records.get(n.name)) for n in names]
+            if all(record is not None for record in found):
+                return found
+            if len(records) == 1 and len(names) == 1:
+                return [next(iter(records.values()))]
+            missing = [str(n) for n, record in zip(names, found) if record is None]
+            raise ValueError(
+                f"{text}: no box record with the id of image(s) {missing} (records are looked up by image file stem; "
+                f"the file holds {len(records)} record(s), e.g. ids {list(records)[:5]})"
+            )
+        if len(records) != 1:
+            raise ValueError(
+                f"{text} holds {len(records)} box records: pass the record of each image (read_box_file(path)[id]) "
+                "or use `multigran generate --boxes`, which looks records up by image file stem"
+            )
+        return [next(iter(records.values()))]
+    try:
+        return json.loads(stripped)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"boxes: JSON text is not valid (line {e.lineno}, column {e.colno}: {e.msg}): {text[:80]!r}"
+        ) from None
+
+
+def _is_box_list(value) -> bool:
+    """A non-empty (K, 4)-like nesting of numbers (list of lists, array, tensor): one image's boxes."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 2
+    return (
+        isinstance(value, (list, tuple)) and len(value) > 0
+        and all(isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_number(x) for x in b) for b in value)
+    )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def boxes_per_image(boxes, num_images: int) -> list:
+    """Normalise the `boxes` option to one entry per image (see the comment above)."""
+    if boxes is None:
+        return [None] * num_images
+    if isinstance(boxes, str):
+        boxes = read_box_argument(boxes)
+        if isinstance(boxes, list) and len(boxes) == 1 and isinstance(boxes[0], Mapping):
+            boxes = boxes[0]  # a one-record file
+    single = isinstance(boxes, Mapping) or _is_box_list(boxes)
+    if single:
+        if num_images != 1:
+            raise ValueError(
+                f"boxes: got one image's boxes for {num_images} images: pass a list with one entry per image "
+                "(None, a record, or a list of [x1, y1, x2, y2])"
+            )
+        return [boxes]
+    if isinstance(boxes, (torch.Tensor, np.ndarray)) and boxes.ndim == 3:  # (images, K, 4)
+        boxes = list(boxes)
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"boxes: expected a list with one entry per image, got {type(boxes).__name__}")
+    if num_images == 1 and len(boxes) == 0:
+        return [[]]  # one image, no box
+    if len(boxes) != num_images:
+        raise ValueError(f"boxes: got {len(boxes)} entries for {num_images} image(s); pass one entry per image")
+    return list(boxes)
+
+
+def _detections(entry, where: str):
+    """One image's entry -> (boxes, scores, labels) in original-image pixels, for transform_boxes."""
+    if entry is None:
+        return [], [], []
+    if isinstance(entry, str):
+        entry = boxes_per_image(entry, 1)[0]
+    if isinstance(entry, Mapping):
+        if "frames" in entry:
+            raise ValueError(f"{where}: a video record (with 'frames') was given for an image")
+        missing = [k for k in ("boxes", "scores", "labels") if k not in entry]
+        if missing:
+            raise ValueError(f"{where}: a box record needs 'boxes', 'scores' and 'labels'; missing {missing}")
+        return entry["boxes"], entry["scores"], entry["labels"]
+    if isinstance(entry, torch.Tensor):
+        entry = entry.detach().cpu().double()
+    elif isinstance(entry, np.ndarray):
+        entry = torch.from_numpy(entry.astype(np.float64))
+    elif not isinstance(entry, (list, tuple)):
+        raise TypeError(
+            f"{where}: expected None, a record, a (K, 4) list/array/tensor of [x1, y1, x2, y2] or a box-file path, "
+            f"got {type(entry).__name__}"
+        )
+    count = len(entry)
+    # User-chosen boxes: no NMS among them (one label each), order kept (equal scores sort stably).
+    return entry, [1.0] * count, list(range(count))
+
+
+# --- method "mg": processor step -----------------------------------------------------------------------------------
+
+
+def mg_step(image_processor, images, boxes=None) -> dict:
+    """MG-LLaVA preprocessing of RGB images and their object boxes.
+
+    Returns pixel_values (images, 3, low, low) (low = the CLIP crop size), pixel_values_aux (images, 3, high, high),
+    image_sizes (images, 2) original (height, width), boxes (images, max_K, 4) float32 on the high-res canvas, zero
+    padded, box_counts (images,) long, and image_token_counts = grid^2 + K_i (the object tokens count in the prompt
+    and in the context budget). `boxes`: see `boxes_per_image` (one entry per image, original-image pixels).
+    """
+    settings = mg_settings(image_processor.method_settings)
+    low_res = image_processor.crop_size.height
+    grid = low_res // image_processor.patch_size
+    mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+    entries = boxes_per_image(boxes, len(images))
+    low, high, sizes, canvas_boxes = [], [], [], []
+    for index, (image, entry) in enumerate(zip(images, entries)):
+        low_i, high_i, pad_info = preprocess_mg_image(image, settings.high_res, low_res, mean, std)
+        low.append(low_i)
+        high.append(high_i)
+        sizes.append((pad_info.original_height, pad_info.original_width))
+        where = f"boxes of image {index}"
+        kept, _, _ = transform_boxes(
+            *_detections(entry, where), (pad_info.original_width, pad_info.original_height), target=settings.high_res,
+            iou_threshold=settings.nms_iou, max_boxes=settings.max_boxes, where=where,
+        )
+        canvas_boxes.append(kept)  # (K_i, 4), K_i >= 1
+    counts = [len(b) for b in canvas_boxes]
+    padded = torch.zeros(len(images), max(counts), 4)
+    for index, image_boxes in enumerate(canvas_boxes):
+        padded[index, : len(image_boxes)] = image_boxes
+    return {
+        "pixel_values": torch.stack(low),
+        "pixel_values_aux": torch.stack(high),
+        "image_sizes": torch.tensor(sizes, dtype=torch.long),
+        "boxes": padded,
+        "box_counts": torch.tensor(counts, dtype=torch.long),
+        "image_token_counts": [grid * grid + k for k in counts],
+    }
+
+
+# --- method "mg": the pipeline --------------------------------------------------------------------------------------
+
+
+class MgPipeline(nn.Module):
+    """MG-LLaVA's visual pipeline: per image [grid^2 fused tokens][one token per box].
+
+    CLIP (the model's vision_tower) sees the low-res view; the frozen ConvNeXt `hires_tower` sees the high-res one.
+    fused = fuse_module(CLIP features, ConvNeXt last stage) -> projector; object tokens = RoIAlign mean on the
+    multi-stage ConvNeXt map -> bbox_projector. Keys (`visual.` prefix in the model): projector.model.{0,2},
+    bbox_projector.model.{0,2}, fuse_module.*, as the release; hires_tower.* = Hugging Face ConvNextModel keys.
+    """
+
+    input_names = ("pixel_values_aux", "boxes", "box_counts")
+
+    def __init__(self, config):
+        super().__init__()
+        self.settings = mg_settings(config.method_settings)
+        self.grid = check_crop_geometry(config)  # CLIP tokens form a square grid (CLS dropped)
+        self.feature_layer = config.vision_feature_layer
+        self.select_strategy = config.vision_feature_select_strategy
+        num_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        low_res_dim = config.vision_config.hidden_size * num_layers
+        text_dim = config.text_config.hidden_size
+        hires_config = self.settings.hires_config()
+        stride = hires_config.patch_size * 2 ** (hires_config.num_stages - 1)
+        hires_grid = self.settings.high_res // stride
+        if hires_grid != self.grid and self.settings.grid_mismatch == "error":
+            raise ValueError(
+                f"mg: the ConvNeXt last stage is {hires_grid}x{hires_grid} at high_res {self.settings.high_res} "
+                f"(stride {stride}) but the vision tower's token grid is {self.grid}x{self.grid}; set high_res to "
+                f"{self.grid * stride} or grid_mismatch='resample'"
+            )
+        self.hires_tower = ConvNextModel(hires_config)
+        self.hires_tower.requires_grad_(False)  # frozen in every stage (release)
+        self.fuse_module = ConvGateFusion(low_res_dim, hires_config.hidden_sizes[-1], self.settings.grid_mismatch)
+        self.projector = MLPProjector(low_res_dim, text_dim)
+        self.bbox_projector = MLPProjector(sum(hires_config.hidden_sizes), text_dim)
+
+    def placeholder_counts(self, image_sizes, box_counts=None, **unused) -> list[int]:
+        if box_counts is None:
+            raise ValueError("method 'mg' needs box_counts (from MultiGranProcessor) to count each image's tokens")
+        return [self.grid * self.grid + int(k) for k in box_counts.tolist()]
+
+    def forward(self, vision_tower, pixel_values, image_sizes=None, pixel_values_aux=None, boxes=None,
+                box_counts=None, **unused) -> list[torch.Tensor]:
+        if pixel_values_aux is None or boxes is None or box_counts is None:
+            raise ValueError("method 'mg' needs pixel_values_aux, boxes and box_counts: build inputs with "
+                             "MultiGranProcessor (boxes=... per image, None for none)")
+        num_images, high_res = pixel_values.shape[0], self.settings.high_res
+        if tuple(pixel_values_aux.shape) != (num_images, 3, high_res, high_res):
+            raise ValueError(f"pixel_values_aux must be ({num_images}, 3, {high_res}, {high_res}), got "
+                             f"{tuple(pixel_values_aux.shape)}")
+        if boxes.dim() != 3 or boxes.shape[0] != num_images or boxes.shape[2] != 4 or box_counts.shape != (num_images,):
+            raise ValueError(f"boxes must be ({num_images}, max_K, 4) and box_counts ({num_images},), got "
+                             f"{tuple(boxes.shape)} and {tuple(box_counts.shape)}")
+        counts = box_counts.tolist()
+        if min(counts) < 1 or max(counts) > boxes.shape[1]:
+            raise ValueError(f"box_counts {counts} must lie in [1, {boxes.shape[1]}] (every image has >= 1 box)")
+
+        low = select_vision_features(vision_tower, pixel_values, self.feature_layer, self.select_strategy)
+        # (B, 1536, 24, 24) last stage, (B, 2880, 192, 192) all stages at stage-0 size
+        last_feat, multi_stage = convnext_features(self.hires_tower, pixel_values_aux)
+        fused = self.fuse_module(low, last_feat)  # (B, 576, 1024)
+        image_tokens = self.projector(fused.to(self.projector.model[0].weight.dtype))  # (B, 576, 1024) -> (B, 576, D)
+        objects = object_tokens(
+            self.bbox_projector, multi_stage, [b[:k] for b, k in zip(boxes, counts)], high_res,
+            self.settings.roi_output_size,
+        )  # per image (K_i, D)
+        features = [torch.cat([tokens, obj.to(tokens.dtype)]) for tokens, obj in zip(image_tokens, objects)]
+        self.last_report = [{"visual_tokens": f.shape[0], "object_tokens": k} for f, k in zip(features, counts)]
+        return features
+
+
+__all__ = [
+    "MgSettings",
+    "MgPipeline",
+    "mg_step",
+    "mg_settings",
+    "read_box_argument",
+    "boxes_per_image",
+    "preprocess_mg_image",
+    "expand2square",
+    "MLPProjector",
+    "ConvGateFusion",
+    "ObjectTokens",
+    "object_tokens",
+    "pool_box_features",
+]

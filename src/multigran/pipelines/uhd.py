@@ -18,16 +18,27 @@ Token organisation in the LLM sequence (release `llava_arch.py`, `UsePermute = F
     [slice_1 (144 tokens), sep_1, ..., slice_N (144 tokens), sep_N, overview (144 tokens)]
 where sep_i is the LLM embedding of "," between slices of a row and "\\n" after the last slice of each row, slices in
 raster order. Total 145*N + 144 tokens; without slicing only the overview's 144 tokens (no separator at all).
+
+The method ("uhd", bottom of this file): `UhdSettings`, the processor step `uhd_step` and the model-side `UhdPipeline`
+(variable-resolution ViT -> JBU feature pyramid `visual.upsampler` -> hierarchical window attention
+`visual.mm_projector` -> token organisation with the LLM's own separator embeddings).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
+
+from ..configuration import parse_method_settings
+from ..vision.varres import encode_variable_resolution
+from .uhd_hiwin import GRID_SIZE, HiwinProjector
+from .uhd_jbu import JBU4xStack
 
 # Constants of the release (`slice_process.py`, training/eval scripts) and the paper (Sec. 4.1).
 SCALE_RESOLUTION = 336  # S: CLIP-ViT-L/14-336 input side; slices and overview have area ~S^2
@@ -225,3 +236,341 @@ def count_uhd_tokens(grid, tokens_per_image: int = TOKENS_PER_IMAGE) -> int:
     _check_positive_int(tokens_per_image, "count_uhd_tokens: tokens_per_image")
     num_slices = 0 if grid is None else grid[0] * grid[1]
     return (tokens_per_image + 1) * num_slices + tokens_per_image
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The method "uhd": settings, separator ids, processor step, model pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The first JBU step's 2x map must be larger than the 3-pixel reflect padding of its 7x7 window: views need at least
+# 2 patches per side when the pyramid uses the JBU (feature_scale_mask with 2x or 4x).
+MIN_JBU_PATCHES = 2
+_LEVEL_BITS = (1, 2, 4)  # feature_scale_mask bits of the pyramid levels 1x, 2x, 4x (uhd_hiwin.LEVELS)
+
+
+def _optional_positive_int(value, name: str) -> None:
+    if value is not None:
+        _check_positive_int(value, name)
+
+
+@dataclass
+class UhdSettings:
+    """`method_settings` of method "uhd" (LLaVA-UHD v2; shared/spec/llava-uhd-v2.md).
+
+    max_slices: N_max, the most slices per image. Default 9 (MAX_SLICES_EVAL), the release's evaluation setting; its
+        training scripts use 7 (MAX_SLICES_TRAIN), which the training recipes pass as `data.image_options:
+        {max_slices: 7}`. A processor call may override it (`processor(..., max_slices=7)`).
+    scale_resolution: S: every slice and the overview have area ~S^2. None = the vision tower's image size (336 for
+        CLIP-ViT-L/14-336, the release's value).
+    feature_scale_mask: pyramid levels fed to the window attention, bitmask 1 = 1x, 2 = 2x, 4 = 4x. 7 (release
+        default, Vicuna-7B); the released Qwen2-7B and Vicuna-13B checkpoints use 5 (1x + 4x). The JBU exists whenever
+        2x or 4x is used (it always computes both; 4x needs 2x).
+    compat: the release's window attention (pooling grid fixed across levels, boxes rounded to the working dtype);
+        False = the paper's level-scaled pooling grids (see uhd_hiwin).
+    pre_resize_long_side: evaluation pre-resize of the image's long side before slicing (release evaluation: 1024;
+        1536 for TextVQA; none for MME and AI2D). None = off (default); a processor call may pass it.
+    separator_ids: [id of ",", id of "\\n"] in the LLM's tokenizer; the separators between slices are these tokens'
+        input embeddings. Obtained from the tokenizer by `separator_token_ids` when a model is built or converted, and
+        stored here. Never hard-coded (the release hard-codes Llama's 29892 and 13). Needed as soon as an image is
+        sliced.
+    num_heads: heads of the window attention; None = D / 128 (release).
+    """
+
+    max_slices: int = MAX_SLICES_EVAL
+    scale_resolution: int | None = None
+    feature_scale_mask: int = 7
+    compat: bool = True
+    pre_resize_long_side: int | None = None
+    separator_ids: list | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self):
+        _check_positive_int(self.max_slices, "uhd method_settings: max_slices")
+        _optional_positive_int(self.scale_resolution, "uhd method_settings: scale_resolution")
+        _optional_positive_int(self.pre_resize_long_side, "uhd method_settings: pre_resize_long_side")
+        _optional_positive_int(self.num_heads, "uhd method_settings: num_heads")
+        if isinstance(self.feature_scale_mask, bool) or self.feature_scale_mask not in range(1, 8):
+            raise ValueError(
+                "uhd method_settings: feature_scale_mask must be a bitmask of 1 (1x), 2 (2x), 4 (4x) between 1 and 7, "
+                f"got {self.feature_scale_mask!r}"
+            )
+        if self.separator_ids is not None:
+            ids = self.separator_ids
+            if (not isinstance(ids, (list, tuple)) or len(ids) != 2
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)):
+                raise ValueError(
+                    "uhd method_settings: separator_ids must be [id of ',', id of '\\n'] (two non-negative ints) from "
+                    f"the LLM tokenizer (multigran.pipelines.uhd.separator_token_ids), got {ids!r}"
+                )
+            self.separator_ids = [int(i) for i in ids]
+
+    @property
+    def uses_jbu(self) -> bool:
+        return bool(self.feature_scale_mask & 6)
+
+
+def separator_token_ids(tokenizer) -> list[int]:
+    """[id of ",", id of "\\n"]: the single tokens the LLM's tokenizer uses for these characters inside text.
+
+    Each separator is encoded right after a digit ("0," minus "0", no special tokens), so that tokenizers which mark
+    word starts (SentencePiece's "▁,") give the in-text token: Llama gives 29892 and 13 (<0x0A>), the ids the release
+    hard-codes; byte-level BPE (Qwen2, GPT-2 style) gives its "," and "Ċ". The token must decode back to the character.
+    Raises ValueError when the tokenizer splits a separator into several tokens or merges it with the digit.
+    """
+    ids = []
+    for text in SLICE_SEPARATORS:
+        prefix = tokenizer.encode("0", add_special_tokens=False)
+        full = tokenizer.encode("0" + text, add_special_tokens=False)
+        if len(full) != len(prefix) + 1 or full[: len(prefix)] != prefix:
+            pieces = tokenizer.convert_ids_to_tokens(full)
+            raise ValueError(
+                f"the tokenizer does not encode the slice separator {text!r} as one token of its own ('0' + {text!r} "
+                f"-> {pieces}, '0' -> {tokenizer.convert_ids_to_tokens(prefix)}); LLaVA-UHD v2 needs a single-token "
+                "separator: pass method_settings['separator_ids'] explicitly"
+            )
+        token = full[-1]
+        if tokenizer.decode([token]) != text:
+            raise ValueError(
+                f"the tokenizer's token for the slice separator {text!r} (id {token}, "
+                f"{tokenizer.convert_ids_to_tokens([token])}) decodes to {tokenizer.decode([token])!r}; pass "
+                "method_settings['separator_ids'] explicitly"
+            )
+        ids.append(int(token))
+    return ids
+
+
+def _too_thin_views(patch_grids, patch_size: int) -> str | None:
+    small = [(h * patch_size, w * patch_size) for h, w in patch_grids if min(h, w) < MIN_JBU_PATCHES]
+    if not small:
+        return None
+    return ", ".join(f"{w}x{h}" for h, w in small)
+
+
+def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=None) -> dict:
+    """Processor step: adaptive slicing; every slice and the overview normalised at its own size.
+
+    Options: `max_slices` (N_max, default `method_settings["max_slices"]`), `pre_resize_long_side` (evaluation
+    pre-resize, default `method_settings["pre_resize_long_side"]`).
+
+    Returns (images on dim 0, zero-padded where sizes differ, so the collator can concatenate batches):
+      pixel_values  (images, max_views, 3, H_max, W_max) float32: views of image i in token order (slices in raster
+                    order, then the overview), each in the top-left corner of its slot
+      view_sizes    (images, max_views, 2) long: (height, width) in pixels of each view; (0, 0) for padding slots
+      slice_grids   (images, 2) long: (cols, rows) of the slicing; (0, 0) when the image is not sliced
+      image_sizes   (images, 2) long: (height, width) of each input image
+      image_token_counts: 145 * slices + 144 per image (`count_uhd_tokens`)
+    """
+    settings = parse_method_settings(UhdSettings, image_processor)
+    max_slices = settings.max_slices if max_slices is None else max_slices
+    _check_positive_int(max_slices, "uhd: max_slices")
+    pre_resize = settings.pre_resize_long_side if pre_resize_long_side is None else pre_resize_long_side
+    _optional_positive_int(pre_resize, "uhd: pre_resize_long_side")
+    scale = settings.scale_resolution or image_processor.crop_size.height
+    patch = image_processor.patch_size
+    mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+
+    pieces = []
+    for index, image in enumerate(images):
+        out = preprocess_uhd_image(image, max_slices, mean, std, scale, patch, pre_resize)
+        thin = _too_thin_views(out["patch_grids"], patch) if settings.uses_jbu else None
+        if thin:
+            raise ValueError(
+                f"image {index} ({image.width}x{image.height}) is too elongated for LLaVA-UHD v2: its views would be "
+                f"{thin} pixels, but the JBU feature pyramid needs at least {MIN_JBU_PATCHES} patches "
+                f"({MIN_JBU_PATCHES * patch} pixels) per side; pad or crop the image to a less extreme aspect ratio"
+            )
+        pieces.append(out)
+
+    max_views = max(len(p["slices"]) + 1 for p in pieces)
+    max_h = max(t.shape[1] for p in pieces for t in [*p["slices"], p["overview"]])
+    max_w = max(t.shape[2] for p in pieces for t in [*p["slices"], p["overview"]])
+    pixel_values = torch.zeros(len(pieces), max_views, 3, max_h, max_w)
+    view_sizes = torch.zeros(len(pieces), max_views, 2, dtype=torch.long)
+    slice_grids = torch.zeros(len(pieces), 2, dtype=torch.long)
+    for i, piece in enumerate(pieces):
+        for v, view in enumerate([*piece["slices"], piece["overview"]]):
+            pixel_values[i, v, :, : view.shape[1], : view.shape[2]] = view
+            view_sizes[i, v] = torch.tensor(view.shape[1:])
+        if piece["grid"] is not None:
+            slice_grids[i] = torch.tensor(piece["grid"])
+    return {
+        "pixel_values": pixel_values,
+        "image_sizes": torch.tensor([[image.height, image.width] for image in images], dtype=torch.long),
+        "view_sizes": view_sizes,
+        "slice_grids": slice_grids,
+        "image_token_counts": [count_uhd_tokens(p["grid"]) for p in pieces],
+    }
+
+
+def _grid_or_none(grid) -> tuple[int, int] | None:
+    cols, rows = (int(v) for v in grid)
+    return None if cols == 0 and rows == 0 else (cols, rows)
+
+
+class UhdPipeline(nn.Module):
+    """LLaVA-UHD v2: views (slices + overview) -> one variable-resolution ViT pass (layer -2, CLS dropped) -> JBU
+    inverse feature pyramid per view (`upsampler`, guided by the view's normalised pixels) -> hierarchical window
+    attention (`mm_projector`) -> 144 tokens per view -> [slice_1, sep_1, ..., slice_N, sep_N, overview].
+
+    Key names: `visual.mm_projector.*` = the release's `model.mm_projector.*` (Hiwin), `visual.upsampler.*` = the
+    release's `model.mm_projector.upsampler.upsampler.*` / the stage-0 checkpoint's JBU stack (up1, up2, fixup_proj).
+
+    The separators are the LLM's input embeddings of "," and "\\n" (ids in `method_settings["separator_ids"]`): forward
+    needs the embedding module as `embed_tokens` (the model passes `self.get_input_embeddings()`).
+    """
+
+    input_names = ("view_sizes", "slice_grids")
+
+    @staticmethod
+    def settings_from_tokenizer(settings: dict, tokenizer) -> dict:
+        """Fills `separator_ids` from the LLM tokenizer (its own "," and "\\n" tokens, never hard-coded ids)."""
+        if settings.get("separator_ids") is None:
+            settings["separator_ids"] = separator_token_ids(tokenizer)
+        return settings
+
+    def __init__(self, config):
+        super().__init__()
+        self.settings = parse_method_settings(UhdSettings, config)
+        if isinstance(config.vision_feature_layer, bool) or not isinstance(config.vision_feature_layer, int):
+            raise ValueError(
+                "method 'uhd' encodes one vision layer (the release uses -2); vision_feature_layer must be an int, "
+                f"got {config.vision_feature_layer!r}"
+            )
+        vision, text = config.vision_config, config.text_config
+        self.feature_layer = config.vision_feature_layer
+        self.select_strategy = config.vision_feature_select_strategy
+        self.patch_size = vision.patch_size
+        self.levels = [k for k, bit in enumerate(_LEVEL_BITS) if self.settings.feature_scale_mask & bit]
+        self.upsampler = JBU4xStack(vision.hidden_size) if self.settings.uses_jbu else None
+        self.mm_projector = HiwinProjector(
+            text.hidden_size, vision.hidden_size, GRID_SIZE, self.settings.feature_scale_mask, self.settings.compat,
+            self.settings.num_heads,
+        )
+        # The ids of "," and "\n", following the model's device. Not saved (config.method_settings holds them):
+        # reset_parameters fills it, also after loading.
+        self.register_buffer("separator_ids", torch.zeros(len(self.settings.separator_ids or ()), dtype=torch.long),
+                             persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The JBU's release initialisation (PyTorch's defaults; tau = 0, sigma = 1), replacing the generic init the
+        model applied to its convolutions first (torch.nn.init calls: weights loaded from a checkpoint are kept). The
+        window attention initialises itself (HiwinProjector)."""
+        ids = torch.tensor(self.settings.separator_ids or [], dtype=torch.long)
+        self.separator_ids.copy_(ids.to(self.separator_ids.device))
+        if self.upsampler is None:
+            return
+        for module in self.upsampler.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+        for step in (self.upsampler.up1, self.upsampler.up2):
+            nn.init.zeros_(step.range_temp)
+            nn.init.ones_(step.sigma_spatial)
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+
+    def unpack_views(self, pixel_values, view_sizes, slice_grids):
+        """Processor tensors -> (views: list of (3, h, w) in token order, grids: per image (cols, rows) or None)."""
+        if view_sizes is None or slice_grids is None:
+            raise ValueError("method 'uhd' needs view_sizes and slice_grids with pixel_values: pass the processor's "
+                             "outputs together")
+        if pixel_values.dim() != 5 or view_sizes.dim() != 3 or slice_grids.dim() != 2:
+            raise ValueError(
+                "method 'uhd' expects pixel_values (images, views, 3, H, W), view_sizes (images, views, 2) and "
+                f"slice_grids (images, 2), got {tuple(pixel_values.shape)}, {tuple(view_sizes.shape)} and "
+                f"{tuple(slice_grids.shape)}"
+            )
+        if not pixel_values.shape[0] == view_sizes.shape[0] == slice_grids.shape[0]:
+            raise ValueError(
+                f"pixel_values, view_sizes and slice_grids disagree on the number of images: {pixel_values.shape[0]}, "
+                f"{view_sizes.shape[0]} and {slice_grids.shape[0]}"
+            )
+        views, grids = [], []
+        for i, (sizes, grid) in enumerate(zip(view_sizes.tolist(), slice_grids.tolist())):
+            grid = _grid_or_none(grid)
+            count = 1 if grid is None else grid[0] * grid[1] + 1
+            real = [tuple(s) for s in sizes[:count]]
+            if count > pixel_values.shape[1] or any(min(s) <= 0 for s in real) or any(max(s) for s in sizes[count:]):
+                raise ValueError(
+                    f"image {i}: slice grid {grid} needs {count} views, but view_sizes holds {sizes}: pass the "
+                    "processor's outputs together"
+                )
+            for height, width in real:
+                if height % self.patch_size or width % self.patch_size or height > pixel_values.shape[3] or \
+                        width > pixel_values.shape[4]:
+                    raise ValueError(
+                        f"image {i}: view size {height}x{width} is not a multiple of the patch {self.patch_size} or "
+                        f"exceeds pixel_values {tuple(pixel_values.shape[3:])}"
+                    )
+            views += [pixel_values[i, v, :, :h, :w] for v, (h, w) in enumerate(real)]
+            grids.append(grid)
+        return views, grids
+
+    # -- model ------------------------------------------------------------------------------------------------------
+
+    def view_tokens(self, vision_tower, views) -> torch.Tensor:
+        """(3, h_i, w_i) views -> (views, 144, D): ViT, pyramid and window attention, views of one size batched."""
+        features = encode_variable_resolution(vision_tower, views, self.feature_layer, self.select_strategy)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(features):
+            groups.setdefault(tuple(grid.shape[:2]), []).append(i)
+        pyramids, order = [], []
+        for indices in groups.values():
+            source = torch.stack([features[i] for i in indices]).permute(0, 3, 1, 2)  # (n, C, h, w)
+            levels = (source,)
+            if self.upsampler is not None:
+                dtype = self.upsampler.fixup_proj[1].weight.dtype
+                guidance = torch.stack([views[i] for i in indices]).to(source.device)  # (n, 3, 14h, 14w)
+                levels = self.upsampler(source.to(dtype), guidance)  # (n, C, h|2h|4h, w|2w|4w) x 3
+            pyramids.append([levels[k] for k in self.levels])
+            order += indices
+        tokens = self.mm_projector(pyramids)  # (views, 144, D) in group order
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return tokens[inverse.to(tokens.device)]
+
+    def separator_embeddings(self, embed_tokens, like: torch.Tensor) -> torch.Tensor:
+        """(2, D): the LLM's input embeddings of "," and "\\n"."""
+        if self.settings.separator_ids is None:
+            raise ValueError(
+                "method 'uhd' needs method_settings['separator_ids'] (the tokenizer's ids of ',' and '\\n') to "
+                "separate slices: set them with multigran.pipelines.uhd.separator_token_ids(tokenizer)"
+            )
+        if embed_tokens is None:
+            raise ValueError(
+                "method 'uhd' needs the LLM's input embeddings (embed_tokens=model.get_input_embeddings()) to build "
+                "the separators between slices"
+            )
+        weight = getattr(embed_tokens, "weight", None)
+        ids = self.separator_ids.to(weight.device if weight is not None else like.device)
+        return embed_tokens(ids).to(device=like.device, dtype=like.dtype)
+
+    def forward(self, vision_tower, pixel_values, image_sizes=None, view_sizes=None, slice_grids=None,
+                embed_tokens=None, **unused) -> list[torch.Tensor]:
+        views, grids = self.unpack_views(pixel_values, view_sizes, slice_grids)
+        tokens = self.view_tokens(vision_tower, views)
+        separators = None
+        if any(grid is not None for grid in grids):
+            separators = self.separator_embeddings(embed_tokens, tokens)
+        features, start = [], 0
+        for grid in grids:
+            pieces = []
+            for text in slice_separators(grid):  # one per slice, raster order
+                pieces += [tokens[start], separators[SLICE_SEPARATORS.index(text)][None]]
+                start += 1
+            pieces.append(tokens[start])  # the overview
+            start += 1
+            features.append(torch.cat(pieces))  # (145 * slices + 144, D)
+        self.last_report = [
+            {"slice_grid": None if g is None else list(g), "views": 1 if g is None else g[0] * g[1] + 1,
+             "visual_tokens": f.shape[0]}
+            for g, f in zip(grids, features)
+        ]
+        return features
+
+    def placeholder_counts(self, image_sizes, slice_grids=None, **unused) -> list[int]:
+        """Image tokens the processor put in the prompt for each image (from its slice grid)."""
+        if slice_grids is None:
+            raise ValueError("method 'uhd' counts image tokens from slice_grids: pass the processor's outputs")
+        return [count_uhd_tokens(_grid_or_none(grid)) for grid in slice_grids.tolist()]

@@ -187,8 +187,9 @@ class HiwinProjector(nn.Module):
             nn.init.trunc_normal_(getattr(self, f"query_{k}"), std=QUERY_INIT_STD)
         for name, _ in LEVELS.values():
             nn.init.zeros_(getattr(self, f"feature_{name}_embedding"))
-        self.proj.normal_(0.0, self.embed_dim**-0.5)
-        self.pos_embed.copy_(sincos_2d_position_embedding(self.embed_dim, self.grid_size))
+        nn.init.normal_(self.proj, 0.0, self.embed_dim**-0.5)  # nn.init: leaves loaded weights alone
+        if not getattr(self.pos_embed, "_is_hf_initialized", False):  # a buffer: no nn.init guard of its own
+            self.pos_embed.copy_(sincos_2d_position_embedding(self.embed_dim, self.grid_size))
 
     def forward(self, pyramids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """Project the feature pyramids of a batch of slices.

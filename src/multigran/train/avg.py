@@ -14,10 +14,12 @@ import torch
 from ..modeling import reexpand_image_tokens
 from ..pipelines.avg import images_to_samples
 from .rglf import CE_WEIGHT, MARGIN_SCALE, RANK_WEIGHT, answer_nll, mean_granularity_loss, rglf_loss
+from .trainer import unwrap
 
 
 def _at_granularity(model, batch, crops, granularity):
     """Inputs with every image at one granularity: re-expanded ids/mask/labels and the merged features."""
+    model = unwrap(model)
     visual = model.visual
     sizes = batch["image_sizes"].tolist()
     features = [visual.merge(c, s, granularity) for c, s in zip(crops, sizes)]
@@ -34,8 +36,9 @@ def multi_granularity_loss(model, batch, **unused):
     if batch.get("pixel_values") is None:  # a text-only batch: the plain LM loss
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                      labels=batch["labels"]).loss, {}
-    visual = model.visual
-    crops = visual.encode_crops(model.vision_tower, batch["pixel_values"], batch["image_sizes"])
+    core = unwrap(model)  # attributes from the bare model; forwards through the (possibly wrapped) one
+    visual = core.visual
+    crops = visual.encode_crops(core.vision_tower, batch["pixel_values"], batch["image_sizes"])
     losses = []
     for granularity in visual.level_tokens:
         input_ids, attention_mask, labels, features = _at_granularity(model, batch, crops, granularity)
@@ -50,11 +53,12 @@ def granularity_nll(model, batch, crops) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and granularity, the frozen LMM's mean answer NLL and the sample's visual tokens: two
     (batch, levels) tensors. One forward per level."""
     columns, tokens = [], []
-    for granularity in model.visual.level_tokens:
+    core = unwrap(model)
+    for granularity in core.visual.level_tokens:
         input_ids, attention_mask, labels, features = _at_granularity(model, batch, crops, granularity)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, image_features=features).logits
         columns.append(answer_nll(logits, labels))
-        tokens.append((input_ids == model.config.image_token_id).sum(dim=1))
+        tokens.append((input_ids == core.config.image_token_id).sum(dim=1))
     return torch.stack(columns, dim=1), torch.stack(tokens, dim=1).float()
 
 
@@ -68,18 +72,19 @@ def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGH
     ranking, so that when the LMM answers equally well at several levels the cheaper one ranks first. Without it the
     ranking among near-tied levels (e.g. every level for a question about the background colour) is noise.
     """
-    visual = model.visual
+    core = unwrap(model)
+    visual = core.visual
     if batch.get("pixel_values") is None:
         zero = sum(p.sum() for p in visual.router.parameters()) * 0.0  # keeps DDP's graph whole
         return zero, {"rglf_samples": 0}
     input_ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():  # everything but the router is frozen: its inputs carry no graph
-        crops = visual.encode_crops(model.vision_tower, batch["pixel_values"], batch["image_sizes"])
+        crops = visual.encode_crops(core.vision_tower, batch["pixel_values"], batch["image_sizes"])
         nll, tokens = granularity_nll(model, batch, crops)  # (B, levels) each
         target = nll + token_cost * tokens / 1000
-        instruction = model.embed_text(input_ids)
+        instruction = core.embed_text(input_ids)
     old = visual.placeholder_counts(batch["image_sizes"], batch.get("image_granularity"))
-    owners = images_to_samples(input_ids, model.config.image_token_id, old)
+    owners = images_to_samples(input_ids, core.config.image_token_id, old)
     logits = visual.route(crops, owners, input_ids, instruction, batch.get("attention_mask"), labels)
     owner_index = torch.tensor(owners, device=logits.device)
     per_sample = logits.new_zeros(input_ids.shape[0], logits.shape[1]).index_add(0, owner_index, logits)

@@ -1,0 +1,83 @@
+"""`multigran train` and `multigran merge-lora` (wired into multigran.cli by the lead).
+
+    multigran train --recipe recipes/anyres/stage1_pretrain.yaml model=runs/init data.path=data.json \\
+        training.per_device_train_batch_size=8 [--resume] [--output-dir DIR]
+    torchrun --nproc_per_node 8 -m multigran.cli train --recipe ...      # DDP / DeepSpeed / FSDP as the recipe says
+    multigran merge-lora runs/lora-stage2 runs/merged [--base runs/stage1]
+
+Recipes with a top-level `stage:` key are not Trainer recipes: they name their own training loop in STAGE_RUNNERS
+(e.g. LLaVA-UHD v2's stage 0, `stage: jbu`), which gets the recipe path and the overrides.
+"""
+
+import importlib
+
+# `stage:` value -> "module:function" taking (recipe_path, overrides); imported on use.
+STAGE_RUNNERS = {
+    "jbu": "multigran.train.uhd_stage0:run_jbu_recipe",
+}
+
+
+def recipe_stage(path) -> str | None:
+    """The `stage:` of a recipe file (None for Trainer recipes)."""
+    from .recipe import load_yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = load_yaml(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist") from None
+    except Exception as error:  # a YAML error: reported by the recipe loader with its message
+        raise ValueError(f"recipe {path}: not valid YAML: {error}") from None
+    return tree.get("stage") if isinstance(tree, dict) else None
+
+
+def add_train_arguments(parser):
+    parser.add_argument("--recipe", required=True, help="a training recipe (YAML; see recipes/ and train/recipe.py)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="recipe overrides, e.g. training.num_train_epochs=2 trainable.vision_tower=2e-6 "
+                             "(values are YAML)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in output_dir (after a crash or a kill)")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    parser.add_argument("--output-dir", help="shorthand for the override output_dir=DIR")
+
+
+def train_command(args):
+    from .recipe import load_recipe
+    from .trainer import run_training
+
+    overrides = list(args.overrides or [])
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    stage = recipe_stage(args.recipe)
+    if stage is not None:
+        if stage not in STAGE_RUNNERS:
+            raise ValueError(f"recipe {args.recipe}: unknown stage {stage!r}; known stages: {sorted(STAGE_RUNNERS)}")
+        if args.resume or args.resume_from:
+            raise ValueError(f"recipe {args.recipe}: stage {stage!r} does not support --resume")
+        module, _, function = STAGE_RUNNERS[stage].partition(":")
+        getattr(importlib.import_module(module), function)(args.recipe, overrides)
+        return
+    recipe = load_recipe(args.recipe, overrides)
+    if args.resume or args.resume_from:
+        recipe.resume = args.resume_from or True
+    trainer = run_training(recipe)
+    if trainer.args.should_save:
+        print(f"wrote {recipe.output_dir}")
+
+
+def add_merge_lora_arguments(parser):
+    parser.add_argument("adapter", help="a LoRA training output (or checkpoint) directory with adapter_config.json")
+    parser.add_argument("output", help="directory for the merged multigran model")
+    parser.add_argument("--base", help="base model directory (default: the one named in adapter_config.json)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def merge_lora_command(args):
+    from .lora import merge_lora
+
+    merge_lora(args.adapter, args.output, base_model=args.base, dtype=args.dtype)
+    print(f"wrote {args.output}")
+
+
+__all__ = ["add_train_arguments", "train_command", "add_merge_lora_arguments", "merge_lora_command"]

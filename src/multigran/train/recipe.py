@@ -1,0 +1,258 @@
+"""Training recipes: one YAML file per stage, plus `key.sub=value` overrides from the command line.
+
+Schema (every recipe under recipes/ repeats it in a comment at its top):
+
+    model: PATH                 # required: the multigran model directory to start from (relative to the cwd)
+    output_dir: PATH            # required: checkpoints, metrics.jsonl, the final model (relative to the cwd)
+    method: anyres              # optional: checked against the model's config.method
+    model_dtype: float32        # dtype the weights are loaded in: float32 (default; mixed precision comes from
+                                # training.bf16/fp16), bfloat16, float16 or auto (bf16 on CUDA, else float32)
+    resume: false               # true: continue from the newest complete checkpoint in output_dir; or a checkpoint path
+    data:
+      path: PATH | [PATHS]      # required: .json / .jsonl (LLaVA), mixture .yaml, or an image folder
+      image_folder: PATH        # image paths in the records are relative to it
+      box_file: PATH            # MG box file, joined by str(record id)
+      template: vicuna_v1       # plain | vicuna_v1 | llama_3 | qwen_2 | chatml | chat_template
+      max_length: 2048          # longer samples (text + visual tokens) are bad records: never truncated
+      on_bad_record: skip       # skip (report, count, skip) | error (raise with file, record id, line)
+      image_options: {}         # options of the method's image step (e.g. {granularity: 36})
+      group_by_modality_length: true   # LLaVA's sampler: image and text-only samples batched apart, by length
+      require_answer: true      # false for image-only data (no gpt turn)
+      seed: 0                   # seed of `random:N` mixture sampling
+    trainable:                  # parameter-name prefix -> learning rate; every other parameter is frozen.
+      visual.projector: 1.0e-3  # prefixes are dotted module/parameter names of MultiGranForConditionalGeneration
+      language_model: 2.0e-5    # (vision_tower, visual.<part>, language_model, ...); the longest matching prefix wins;
+                                # a prefix that matches no parameter is an error. `null` removes a prefix.
+    loss:
+      name: lm                  # a key of multigran.train.losses.LOSSES
+      options: {}               # keyword options of that loss
+    lora:                       # optional: LoRA (peft) on the LLM's linear layers; null = full fine-tuning
+      r: 128
+      alpha: 256
+      dropout: 0.05
+      learning_rate: 2.0e-4     # LR of the adapters (the LLM itself stays frozen: do not list it in trainable)
+      target_modules: null      # default: every nn.Linear of language_model except lm_head
+      qlora: false              # 4-bit base LLM (needs CUDA and bitsandbytes)
+    training:                   # Hugging Face TrainingArguments, by their transformers 5.24 names, e.g.
+      num_train_epochs: 1
+      per_device_train_batch_size: 16
+      gradient_accumulation_steps: 2
+      lr_scheduler_type: cosine
+      warmup_steps: 0.03        # < 1 is a ratio of the total steps (transformers 5)
+      weight_decay: 0.0
+      bf16: auto                # auto = bf16 where CUDA supports it
+      activation_checkpointing: true
+      save_steps: 500
+      logging_steps: 1
+      deepspeed: recipes/deepspeed/zero2.json
+      report_to: none           # tensorboard / wandb when installed
+
+Engines: `training.deepspeed: recipes/deepspeed/zero2.json` (or zero3.json) runs DeepSpeed ZeRO; those configs leave
+the optimizer and scheduler to the Trainer (no "optimizer"/"scheduler" sections), so the per-part learning rates hold.
+FSDP: launch with `accelerate launch --config_file recipes/fsdp/fsdp2.yaml -m multigran.cli train ...`.
+
+`learning_rate` in `training` is only the default of optimizer groups and unused: per-part rates come from
+`trainable`. Overrides: `multigran train --recipe R.yaml training.num_train_epochs=2 trainable.vision_tower=2e-6`
+(values parsed as YAML; keys under `trainable` are whole prefixes, dots included).
+"""
+
+import copy
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans and floats: only true/false are booleans (PyYAML's YAML 1.1 also reads no/off/yes/on, which
+    would turn `save_strategy: no` into False), and 1e-3 is a float (YAML 1.1 needs 1.0e-3)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*[eE][-+]?\d+|\.\d+[eE][-+]?\d+)$"), list("-+0123456789.")
+)
+
+
+def load_yaml(text_or_stream):
+    return yaml.load(text_or_stream, Loader=RecipeLoader)
+
+
+TOP_LEVEL_KEYS = {"model", "output_dir", "method", "model_dtype", "resume", "data", "trainable", "loss", "lora",
+                  "training"}
+FLAT_MAPS = {"trainable"}  # sections whose keys are dotted prefixes, not nested paths
+
+
+@dataclass
+class DataSettings:
+    path: str | list
+    image_folder: str | None = None
+    box_file: str | None = None
+    template: str = "vicuna_v1"
+    max_length: int | None = 2048
+    on_bad_record: str = "skip"
+    image_options: dict = field(default_factory=dict)
+    group_by_modality_length: bool = True
+    require_answer: bool = True
+    seed: int = 0
+
+
+@dataclass
+class LossSettings:
+    name: str = "lm"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 128  # LLaVA-1.5 LoRA recipe: r 128, alpha 256
+    alpha: int = 256
+    dropout: float = 0.05
+    learning_rate: float = 2e-4
+    target_modules: list | None = None
+    qlora: bool = False
+
+
+@dataclass
+class Recipe:
+    model: str
+    output_dir: str
+    data: DataSettings
+    trainable: dict
+    training: dict
+    loss: LossSettings = field(default_factory=LossSettings)
+    lora: LoraSettings | None = None
+    method: str | None = None
+    model_dtype: str = "float32"
+    resume: bool | str = False
+    source: str | None = None  # the recipe file
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """"a.b.c=value" -> (["a", "b", "c"], YAML-parsed value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        parsed = load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {text!r}: the value is not valid YAML: {error}") from None
+    return key.strip().split("."), parsed
+
+
+def apply_override(tree: dict, text: str):
+    """Sets one override in a raw recipe dict (in place). A `null` value removes a `trainable` prefix."""
+    path, value = parse_override(text)
+    if path[0] not in TOP_LEVEL_KEYS:
+        raise ValueError(f"override {text!r}: unknown recipe key {path[0]!r}; known keys: {sorted(TOP_LEVEL_KEYS)}")
+    if path[0] in FLAT_MAPS and len(path) > 1:
+        section = tree.setdefault(path[0], {}) or {}
+        tree[path[0]] = section
+        prefix = ".".join(path[1:])
+        if value is None:
+            section.pop(prefix, None)
+        else:
+            section[prefix] = value
+        return
+    node = tree
+    for depth, key in enumerate(path[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"override {text!r}: {'.'.join(path[:depth + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _build(cls, values, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"recipe {where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise ValueError(f"recipe {where}: {error}") from None
+
+
+def check_training_arguments(training: dict, where: str):
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(training) - known)
+    if unknown:
+        raise ValueError(
+            f"recipe {where}: unknown TrainingArguments {unknown} (see transformers.TrainingArguments for the names)"
+        )
+    if "output_dir" in training:
+        raise ValueError(f"recipe {where}: set output_dir at the top level of the recipe, not under training")
+
+
+def recipe_from_dict(tree: dict, source: str | None = None) -> Recipe:
+    where = source or "<dict>"
+    if not isinstance(tree, dict):
+        raise ValueError(f"recipe {where}: expected a YAML mapping at the top level")
+    unknown = sorted(set(tree) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f"recipe {where}: unknown key(s) {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}")
+    for key in ("model", "output_dir", "data", "trainable"):
+        if tree.get(key) in (None, "", {}):
+            raise ValueError(f"recipe {where}: '{key}' is required")
+    data = _build(DataSettings, tree["data"], f"{where} (data)")
+    trainable = tree["trainable"]
+    if not isinstance(trainable, dict):
+        raise ValueError(f"recipe {where}: trainable must map parameter-name prefixes to learning rates")
+    for prefix, lr in trainable.items():
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"recipe {where}: trainable[{prefix!r}] must be a positive learning rate, got {lr!r}")
+    loss = _build(LossSettings, tree.get("loss") or {}, f"{where} (loss)")
+    lora = _build(LoraSettings, tree["lora"], f"{where} (lora)") if tree.get("lora") else None
+    training = dict(tree.get("training") or {})
+    check_training_arguments(training, f"{where} (training)")
+    if tree.get("model_dtype", "float32") not in ("float32", "bfloat16", "float16", "auto"):
+        raise ValueError(f"recipe {where}: model_dtype must be float32, bfloat16, float16 or auto")
+    return Recipe(
+        model=str(tree["model"]), output_dir=str(tree["output_dir"]), data=data,
+        trainable={str(k): float(v) for k, v in trainable.items()}, training=training, loss=loss, lora=lora,
+        method=tree.get("method"), model_dtype=tree.get("model_dtype", "float32"), resume=tree.get("resume", False),
+        source=source,
+    )
+
+
+def load_recipe(path, overrides=()) -> Recipe:
+    """Reads a recipe YAML, applies `key.sub=value` overrides, validates it (unknown keys are errors)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe {path!r} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            tree = load_yaml(handle)
+        except yaml.YAMLError as error:
+            raise ValueError(f"recipe {path}: not valid YAML: {error}") from None
+    tree = copy.deepcopy(tree) if isinstance(tree, dict) else tree
+    if not isinstance(tree, dict):
+        raise ValueError(f"recipe {path}: expected a YAML mapping at the top level")
+    for text in overrides:
+        apply_override(tree, text)
+    return recipe_from_dict(tree, path)
+
+
+__all__ = ["Recipe", "DataSettings", "LossSettings", "LoraSettings", "load_recipe", "recipe_from_dict",
+           "apply_override", "parse_override"]
