@@ -298,9 +298,9 @@ def test_an_image_drawn_twice_is_redrawn(tmp_path, monkeypatch):
     real = syn.sample_scene
     calls = []
 
-    def first_draws_collide(rng, geometry=syn.Geometry()):
+    def first_draws_collide(rng, geometry=syn.Geometry(), fixed_dots=False):
         calls.append(1)
-        return real(np.random.default_rng(0), geometry) if len(calls) <= 2 else real(rng, geometry)
+        return real(np.random.default_rng(0), geometry, fixed_dots) if len(calls) <= 2 else real(rng, geometry, fixed_dots)
 
     monkeypatch.setattr(syn, "sample_scene", first_draws_collide)
     paths = syn.generate_dataset(tmp_path, num_train=1, num_val=1, num_test=0, num_pretrain=0)
@@ -445,3 +445,19 @@ def test_tokenizer_rejects_bad_words():
         build_word_tokenizer(["red", 3])
     with pytest.raises(TypeError, match="not a single string"):
         build_word_tokenizer("red")
+
+
+def test_fixed_dots_and_coarse_subtypes(tmp_path):
+    """The demo's easier variant: the dot pair always at the same patches, only the chosen coarse questions."""
+    paths = syn.generate_dataset(tmp_path, num_train=40, num_val=0, num_test=0, num_pretrain=0, fixed_dots=True,
+                                 coarse_subtypes=("background_color", "shape_color"))
+    records = json.load(open(paths["train"]))
+    assert {r["question_subtype"] for r in records if r["question_type"] == "coarse"} <= {"background_color",
+                                                                                         "shape_color"}
+    for i in range(20):
+        scene = syn.sample_scene(np.random.default_rng(i), syn.Geometry(), fixed_dots=True)
+        first, second = scene.dot_patches
+        assert first == ((0, 1) if scene.dot_orientation == "vertical" else (1, 0))
+        assert second == (first[0] + 1, first[1]) if scene.dot_orientation == "vertical" else (first[0], first[1] + 1)
+    with pytest.raises(ValueError, match="coarse_subtypes must be a non-empty subset"):
+        syn.generate_dataset(tmp_path, num_train=1, coarse_subtypes=("shape_size",))

@@ -163,8 +163,13 @@ def _check_color(name: str) -> tuple[int, int, int]:
     return PALETTE[name]
 
 
-def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry()) -> Scene:
-    """Draw one scene. Colours that must stay visible on top of each other are kept distinct."""
+def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), fixed_dots: bool = False) -> Scene:
+    """Draw one scene. Colours that must stay visible on top of each other are kept distinct.
+
+    fixed_dots: the dot pair always starts at the same patch (top-left cell, second row/column); only its orientation
+    and colours vary. The fine questions then need one patch's features, found by position, instead of a search over
+    the image: the easy-to-learn variant a few CPU minutes of training can solve (`multigran demo` uses it).
+    """
     colors = list(PALETTE)
     size, p, cell_px = geometry.image_size, geometry.patch_size, geometry.cell_px
     background, shape_color = (colors[i] for i in rng.choice(len(colors), 2, replace=False))
@@ -179,6 +184,8 @@ def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry()) -> S
     cell_row, cell_col = (int(v) for v in rng.integers(geometry.cells, size=2))
     along = 2 * int(rng.integers(2))  # pair starts on an even row/col: one 2x2 (and 1x2 if horizontal) window
     across = int(rng.integers(4))
+    if fixed_dots:
+        cell_row, cell_col, along, across = 0, 0, 0, 1
     if orientation == "vertical":
         first = (4 * cell_row + along, 4 * cell_col + across)
         second = (first[0] + 1, first[1])
@@ -276,10 +283,11 @@ def render_scene(scene: Scene, geometry: Geometry = Geometry()) -> np.ndarray:
     return image
 
 
-def ask(scene: Scene, question_type: str, rng: np.random.Generator) -> tuple[str, str, str]:
-    """One question about the scene: (subtype, question, answer)."""
+def ask(scene: Scene, question_type: str, rng: np.random.Generator, subtypes=None) -> tuple[str, str, str]:
+    """One question about the scene: (subtype, question, answer); `subtypes` restricts the coarse ones asked."""
     if question_type == "coarse":
-        subtype = SUBTYPES["coarse"][rng.integers(3)]
+        allowed = [t for t in SUBTYPES["coarse"] if subtypes is None or t in subtypes]
+        subtype = allowed[rng.integers(len(allowed))]
         if subtype == "background_color":
             return subtype, "What color is the background?", scene.background
         if subtype == "shape_color":
@@ -374,6 +382,8 @@ def generate_dataset(
     tile_size: int = 96,
     patch_size: int = 8,
     question_mix: dict[str, float] | None = None,
+    fixed_dots: bool = False,
+    coarse_subtypes: tuple[str, ...] | None = None,
 ) -> dict[str, str]:
     """Write the benchmark under `out_dir` and return the paths of what was written.
 
@@ -382,7 +392,8 @@ def generate_dataset(
     as `num_train` unless `num_pretrain` is given), `boxes.json` (every record's object boxes, MG-LLaVA format),
     `images/<split>/<id>.png` (paths in the records are relative to `out_dir`) and `dataset_info.json` (the arguments;
     written last). If `dataset_info.json` already records the same arguments and every file exists, nothing is
-    regenerated (resumable demo runs).
+    regenerated (resumable demo runs). `fixed_dots` (see `sample_scene`) and `coarse_subtypes` (a subset of
+    SUBTYPES["coarse"]) tune the difficulty.
     """
     geometry = Geometry(tile_size, patch_size)
     num_pretrain = num_train if num_pretrain is None else num_pretrain
@@ -397,6 +408,9 @@ def generate_dataset(
         raise ValueError(
             f"generate_dataset: question_mix must map {QUESTION_TYPES} to weights >= 0 (not all 0), got {mix}"
         )
+    if coarse_subtypes is not None and (not coarse_subtypes or set(coarse_subtypes) - set(SUBTYPES["coarse"])):
+        raise ValueError(f"generate_dataset: coarse_subtypes must be a non-empty subset of {SUBTYPES['coarse']}, "
+                         f"got {coarse_subtypes!r}")
     types = [t for t in QUESTION_TYPES if mix.get(t, 0) > 0]
     weights = np.array([mix[t] for t in types], dtype=np.float64)
     weights /= weights.sum()
@@ -408,7 +422,9 @@ def generate_dataset(
     info = {
         "generator": "multigran.data.synthetic",
         "format_version": FORMAT_VERSION,
-        "arguments": dict(counts=counts, seed=seed, tile_size=tile_size, patch_size=patch_size, question_mix=mix),
+        "arguments": dict(counts=counts, seed=seed, tile_size=tile_size, patch_size=patch_size, question_mix=mix,
+                          fixed_dots=fixed_dots,
+                          coarse_subtypes=None if coarse_subtypes is None else list(coarse_subtypes)),
         "image_size": geometry.image_size,
         "patch_grid": geometry.grid,
         "cells": geometry.cells,
@@ -425,7 +441,7 @@ def generate_dataset(
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, split_index, i])
             while True:  # redraw the (astronomically rare) image already used anywhere
-                scene = sample_scene(rng, geometry)
+                scene = sample_scene(rng, geometry, fixed_dots)
                 image = render_scene(scene, geometry)
                 digest = _hash(image)
                 if digest not in seen:
@@ -438,7 +454,7 @@ def generate_dataset(
                 human, answer, qtype, subtype = CAPTION_INSTRUCTION, caption(scene), "caption", "caption"
             else:
                 qtype = types[rng.choice(len(types), p=weights)]
-                subtype, question, answer = ask(scene, qtype, rng)
+                subtype, question, answer = ask(scene, qtype, rng, coarse_subtypes)
                 human = question_prompt(question)
             records.append(
                 {
