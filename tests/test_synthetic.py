@@ -298,9 +298,10 @@ def test_an_image_drawn_twice_is_redrawn(tmp_path, monkeypatch):
     real = syn.sample_scene
     calls = []
 
-    def first_draws_collide(rng, geometry=syn.Geometry(), fixed_dots=False):
+    def first_draws_collide(rng, geometry=syn.Geometry(), fixed_dots=False, bars=False, textured_dots=False):
         calls.append(1)
-        return real(np.random.default_rng(0), geometry, fixed_dots) if len(calls) <= 2 else real(rng, geometry, fixed_dots)
+        chosen = np.random.default_rng(0) if len(calls) <= 2 else rng
+        return real(chosen, geometry, fixed_dots, bars, textured_dots)
 
     monkeypatch.setattr(syn, "sample_scene", first_draws_collide)
     paths = syn.generate_dataset(tmp_path, num_train=1, num_val=1, num_test=0, num_pretrain=0)
@@ -461,3 +462,53 @@ def test_fixed_dots_and_coarse_subtypes(tmp_path):
         assert second == (first[0] + 1, first[1]) if scene.dot_orientation == "vertical" else (first[0], first[1] + 1)
     with pytest.raises(ValueError, match="coarse_subtypes must be a non-empty subset"):
         syn.generate_dataset(tmp_path, num_train=1, coarse_subtypes=("shape_size",))
+
+
+@pytest.mark.parametrize("fixed_dots", [False, True])
+def test_textured_dots_keep_the_pooling_property(fixed_dots):
+    """Striped dots (horizontal stripes on the first, vertical on the second): swapping their colours still leaves
+    levels 0-2 (and 3 for side-by-side dots) bit-identical while the finest level changes."""
+    geometry = syn.Geometry(96, 8)
+    for i in range(12):
+        scene = syn.sample_scene(np.random.default_rng([6, i]), geometry, fixed_dots=fixed_dots, textured_dots=True)
+        flipped = dataclasses.replace(scene, dot_colors=scene.dot_colors[::-1])
+        a, b = syn.render_scene(scene, geometry), syn.render_scene(flipped, geometry)
+        (r1, c1), _ = scene.dot_patches
+        first = a[r1 * 8:(r1 + 1) * 8, c1 * 8:(c1 + 1) * 8]
+        assert (first[0] != first[1]).any() and (first[:, 0] == first[:, 1]).all()  # horizontal stripes
+        for level, kernel in enumerate([(4, 4), (2, 4), (2, 2), (1, 2), (1, 1)]):
+            equal = (pooled_sums(a, 8, kernel) == pooled_sums(b, 8, kernel))
+            assert equal == (level <= 2 or (level == 3 and scene.dot_orientation == "horizontal")), level
+
+
+@pytest.mark.parametrize("fixed_dots", [False, True])
+def test_bars_keep_the_pooling_property(fixed_dots):
+    """Bars (4 patches each) instead of dots: swapping their colours still leaves levels 0-2 (and 3 for side-by-side
+    bars) bit-identical while the finest level changes."""
+    geometry = syn.Geometry(96, 8)
+    for i in range(12):
+        scene = syn.sample_scene(np.random.default_rng([5, i]), geometry, fixed_dots=fixed_dots, bars=True)
+        assert scene.mark_word == "bar"
+        flipped = dataclasses.replace(scene, dot_colors=scene.dot_colors[::-1])
+        a, b = syn.render_scene(scene, geometry), syn.render_scene(flipped, geometry)
+        assert (a != b).any(axis=-1).sum() == 2 * 4 * 8 * 8  # two 4-patch bars of 8x8-pixel patches changed
+        for level, kernel in enumerate([(4, 4), (2, 4), (2, 2), (1, 2), (1, 1)]):
+            equal = (pooled_sums(a, 8, kernel) == pooled_sums(b, 8, kernel))
+            expected = level <= 2 or (level == 3 and scene.dot_orientation == "horizontal")
+            assert equal == expected, (level, scene.dot_orientation)
+        assert "bar" in syn.ask(scene, "fine", np.random.default_rng(i))[1]
+
+
+def test_multi_turn_training_and_the_router_split(tmp_path):
+    paths = syn.generate_dataset(tmp_path, num_train=20, num_val=5, num_test=5, num_pretrain=0, num_router=7,
+                                 train_turns=4, fixed_dots=True)
+    train = json.load(open(paths["train"]))
+    for record in train:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        assert len({t["value"] for t in turns[::2]}) == 4  # four different questions about the one image
+    router = json.load(open(paths["router"]))
+    assert len(router) == 7 and all(len(r["conversations"]) == 2 for r in router)
+    hashes = [h for split in ("train", "val", "test", "router") for h in image_hashes(paths, json.load(open(paths[split]))).values()]
+    assert len(set(hashes)) == len(hashes)  # no image in two places

@@ -226,6 +226,24 @@ def add_detect_arguments(parser):
     add(parser)
 
 
+@command("demo", "the built-in synthetic granularity benchmark: data, every training stage, evaluation, report")
+def demo_command(args):
+    from .demo import run_demo
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    results = run_demo(args.out, quick=args.quick, methods=methods, seed=args.seed)
+    print(f"report: {args.out}/report.md  results: {args.out}/results.json  ({results['seconds'] / 60:.1f} min)")
+    for name, target in results.get("targets", {}).items():
+        print(f"  {'met    ' if target['met'] else 'MISSED '} {name}: {target['value']:.1f} (wanted {target['target']})")
+
+
+def add_demo_arguments(parser):
+    parser.add_argument("--out", default="demo_out", help="output directory (an interrupted run resumes there)")
+    parser.add_argument("--quick", action="store_true", help="a small run (about 2 minutes) that checks the plumbing")
+    parser.add_argument("--methods", default="anyres,avg", help="comma-separated: anyres, avg, mg, uhd")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 @command("init", "compose a new model from a Hugging Face vision tower and causal LM (the start of stage 1)")
 def init_command(args):
     from .convert.compose import compose
@@ -273,6 +291,7 @@ ARGUMENTS = {
     "detect": add_detect_arguments,
     "switch-method": add_switch_method_arguments,
     "init": add_init_arguments,
+    "demo": add_demo_arguments,
 }
 
 

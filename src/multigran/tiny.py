@@ -9,18 +9,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from .configuration import MultiGranConfig
+from .data.templates import MESSAGE_TEXT_JINJA
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 # A Vicuna-style template ("USER: <image>\n... ASSISTANT:") in transformers' message format.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set text = text.value -%}{%- endif -%}"
+    + MESSAGE_TEXT_JINJA +
     "{%- if message['role'] == 'system' -%}{{ text + ' ' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + text + ' ' }}"
     "{%- else -%}{{ 'ASSISTANT: ' + text + eos_token + ' ' }}{%- endif -%}"

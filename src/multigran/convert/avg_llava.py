@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from ..configuration import CLIP_L_336, MultiGranConfig
+from ..data.templates import inference_chat_template
 from ..pipelines.avg import DEFAULT_TOP_K, granularity_levels
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
 from .common import (
@@ -31,28 +32,6 @@ from .common import (
 )
 
 logger = logging.getLogger(__name__)
-
-# The conversation template of LLaVA-NeXT-Vicuna / AVG-LLaVA (`conv_vicuna_v1`: "SYSTEM USER: ... ASSISTANT: ...</s>").
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = \"" + VICUNA_V1_SYSTEM + "\" -%}{%- endif -%}"
-    "{{ system + ' ' }}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set text = text.value -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + text + ' ' }}"
-    "{%- else -%}{{ 'ASSISTANT: ' + text + '</s>' }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
 
 # Keys of the LLaVA code base's config that are not the LLM's.
 _NOT_LLM = ("mm_", "image_", "vis_", "router", "tokenizer_", "tune_", "freeze_", "use_mm", "unfreeze", "filtered_",
@@ -171,6 +150,6 @@ def from_avg_llava(src_dir, dst_dir, clip_dir=None) -> Path:
         image_grid_pinpoints=config.image_grid_pinpoints,
     )
     MultiGranProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                       chat_template=VICUNA_V1_CHAT_TEMPLATE).save_pretrained(dst_dir)
+                       chat_template=inference_chat_template("vicuna_v1")).save_pretrained(dst_dir)
     logger.info("converted %s -> %s (%d tensors)", src_dir, dst_dir, len(sources) + len(extra))
     return dst_dir

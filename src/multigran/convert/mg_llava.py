@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, ConvNextModel
 
+from ..data.templates import MESSAGE_TEXT_JINJA
 from ..configuration import MultiGranConfig
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
 from ..vision.convnext import load_open_clip_convnext
@@ -59,12 +60,7 @@ XTUNER_VICUNA_SYSTEM = (
 )
 XTUNER_VICUNA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set text = namespace(value='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set text = text.value -%}{%- endif -%}"
+    + MESSAGE_TEXT_JINJA +
     "{%- if message['role'] == 'system' -%}{{ \"" + XTUNER_VICUNA_SYSTEM + "\" + text + '\n ' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + text + ' ASSISTANT:' }}"
     "{%- else -%}{{ ' ' + text + eos_token + '\n' }}{%- endif -%}"

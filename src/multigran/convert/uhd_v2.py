@@ -37,7 +37,8 @@ from transformers import AutoConfig, AutoTokenizer
 from ..configuration import CLIP_L_336, MultiGranConfig
 from ..pipelines.uhd import separator_token_ids
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
-from .avg_llava import _NOT_LLM, VICUNA_V1_CHAT_TEMPLATE
+from ..data.templates import inference_chat_template
+from .avg_llava import _NOT_LLM
 from .common import (
     CheckpointMismatchError,
     SafetensorsCheckpoint,
@@ -243,7 +244,7 @@ def from_uhd_v2(src_dir, dst_dir, jbu_ckpt=None, clip_dir=None, feature_scale_ma
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
     )
     # Vicuna releases talk in LLaVA's vicuna_v1 format; Qwen2 releases in the tokenizer's own (ChatML) template.
-    chat_template = VICUNA_V1_CHAT_TEMPLATE if config.text_config.model_type == "llama" else None
+    chat_template = inference_chat_template("vicuna_v1") if config.text_config.model_type == "llama" else None
     MultiGranProcessor(image_processor=image_processor, tokenizer=tokenizer,
                        chat_template=chat_template).save_pretrained(dst_dir)
     logger.info("converted %s -> %s (%d tensors)", src_dir, dst_dir, len(sources) + len(extra))

@@ -75,7 +75,7 @@ SUBTYPES = {
     "object": ("object_pattern", "object_color"),
 }
 DEFAULT_QUESTION_MIX = {"coarse": 0.4, "fine": 0.4, "object": 0.2}
-SPLITS = ("train", "val", "test", "pretrain")  # the index of a split is part of every sample's seed
+SPLITS = ("train", "val", "test", "pretrain", "router")  # a split's index is part of every sample's seed
 
 # LLaVA-1.5's short-answer suffix (its VQAv2/GQA evaluation prompts), also MG-LLaVA's.
 QUESTION_SUFFIX = "Answer the question using a single word or phrase."
@@ -155,6 +155,12 @@ class Scene:
     dot_patches: tuple[tuple[int, int], tuple[int, int]]  # (row, col) patch indices; first = upper / left dot
     dot_colors: tuple[str, str]  # colours of the first and second dot
     objects: tuple[SceneObject, ...]  # in reading order (top to bottom, then left to right)
+    mark_length: int = 1  # patches a mark spans across the pair's axis: 1 = a dot, 4 = a bar across its cell
+    mark_textures: tuple[str, str] | None = None  # 1-px textures of the first and second mark (None: solid)
+
+    @property
+    def mark_word(self) -> str:
+        return "dot" if self.mark_length == 1 else "bar"
 
 
 def _check_color(name: str) -> tuple[int, int, int]:
@@ -163,13 +169,23 @@ def _check_color(name: str) -> tuple[int, int, int]:
     return PALETTE[name]
 
 
-def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), fixed_dots: bool = False) -> Scene:
+def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), fixed_dots: bool = False,
+                 bars: bool = False, textured_dots: bool = False) -> Scene:
     """Draw one scene. Colours that must stay visible on top of each other are kept distinct.
 
     fixed_dots: the dot pair always starts at the same patch (top-left cell, second row/column); only its orientation
     and colours vary. The fine questions then need one patch's features, found by position, instead of a search over
     the image: the easy-to-learn variant a few CPU minutes of training can solve (`multigran demo` uses it).
+    bars: each mark is a bar of 4 patches across the pair's axis (a whole cell wide), so it holds 4x the pixels of a
+    dot; the pooled windows of levels 0-2 (0-3 for side-by-side bars) still contain both marks whole, so swapping
+    their colours leaves them unchanged, exactly as for dots.
+    textured_dots: the first (upper / left) dot has 1-px horizontal stripes, the second vertical ones (each half its
+    colour, half a greyer shade, see `texture`), so a dot's place in the pair is also visible inside its own patch.
+    Both textures hold the same pixels in equal numbers, so swapping the colours still leaves every pooled window
+    that holds the pair unchanged.
     """
+    if bars and textured_dots:
+        raise ValueError("sample_scene: textured_dots applies to dots, not bars")
     colors = list(PALETTE)
     size, p, cell_px = geometry.image_size, geometry.patch_size, geometry.cell_px
     background, shape_color = (colors[i] for i in rng.choice(len(colors), 2, replace=False))
@@ -186,6 +202,9 @@ def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), fixe
     across = int(rng.integers(4))
     if fixed_dots:
         cell_row, cell_col, along, across = 0, 0, 0, 1
+    length = 4 if bars else 1
+    if bars:
+        across = 0  # the bar spans its cell
     if orientation == "vertical":
         first = (4 * cell_row + along, 4 * cell_col + across)
         second = (first[0] + 1, first[1])
@@ -212,7 +231,8 @@ def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), fixe
         raise RuntimeError(f"could not place {NUM_OBJECTS} objects in a {size}px image")
     objects = [SceneObject(c, pat, b) for c, pat, b in zip(object_colors, patterns, boxes)]
     objects.sort(key=lambda o: (o.box[1], o.box[0]))
-    return Scene(background, shape, shape_color, center, orientation, (first, second), dot_colors, tuple(objects))
+    return Scene(background, shape, shape_color, center, orientation, (first, second), dot_colors, tuple(objects),
+                 length, ("horizontal", "vertical") if textured_dots else None)
 
 
 def _overlaps(a, b, gap):
@@ -271,10 +291,13 @@ def render_scene(scene: Scene, geometry: Geometry = Geometry()) -> np.ndarray:
     background = np.array(_check_color(scene.background), dtype=np.uint8)
     shape = np.array(_check_color(scene.shape_color), dtype=np.uint8)
     image = np.where(shape_mask(scene.shape, scene.shape_center, size)[..., None], shape, background)
-    for (row, col), color in zip(scene.dot_patches, scene.dot_colors):
-        if not (0 <= row < geometry.grid and 0 <= col < geometry.grid):
-            raise ValueError(f"dot patch {(row, col)} is outside the {geometry.grid}x{geometry.grid} patch grid")
-        image[row * p : (row + 1) * p, col * p : (col + 1) * p] = _check_color(color)
+    rows, cols = (1, scene.mark_length) if scene.dot_orientation == "vertical" else (scene.mark_length, 1)
+    textures = scene.mark_textures or (None, None)
+    for (row, col), color, pattern in zip(scene.dot_patches, scene.dot_colors, textures):
+        if not (0 <= row and row + rows <= geometry.grid and 0 <= col and col + cols <= geometry.grid):
+            raise ValueError(f"mark at patch {(row, col)} is outside the {geometry.grid}x{geometry.grid} patch grid")
+        fill = _check_color(color) if pattern is None else texture(pattern, color, p)
+        image[row * p : (row + rows) * p, col * p : (col + cols) * p] = fill
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
         if not (0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size) or x2 - x1 != y2 - y1:
@@ -302,11 +325,12 @@ def ask(scene: Scene, question_type: str, rng: np.random.Generator, subtypes=Non
             x, y = (first, second) if named_first else (second, first)
             before, after = ("above", "below") if vertical else ("left", "right")
             relation = "above or below" if vertical else "left or right of"
-            return subtype, f"Is the {x} dot {relation} the {y} dot?", before if named_first else after
+            mark = scene.mark_word
+            return subtype, f"Is the {x} {mark} {relation} the {y} {mark}?", before if named_first else after
         subtype = "dot_color_" + scene.dot_orientation
         which = int(rng.integers(2))
         word = (("upper", "lower") if vertical else ("left", "right"))[which]
-        return subtype, f"What color is the {word} dot?", scene.dot_colors[which]
+        return subtype, f"What color is the {word} {scene.mark_word}?", scene.dot_colors[which]
     if question_type == "object":
         obj = scene.objects[rng.integers(len(scene.objects))]
         if rng.integers(2) == 0:
@@ -323,7 +347,7 @@ def caption(scene: Scene) -> str:
     objects = ", ".join(f"{o.color} {o.pattern}" for o in scene.objects)
     return (
         f"A {scene.shape_color} {scene.shape} on a {scene.background} background. "
-        f"A {first} dot is {relation} a {second} dot. Objects: {objects}."
+        f"A {first} {scene.mark_word} is {relation} a {second} {scene.mark_word}. Objects: {objects}."
     )
 
 
@@ -349,7 +373,7 @@ def all_words() -> list[str]:
         "What color is the background?",
         "What color is the big shape?",
         "What kind of shape is the big shape?",
-        "Is the dot above or below the dot? Is the dot left or right of the dot?",
+        "Is the dot above or below the dot? Is the dot left or right of the dot? bar",
         "What color is the upper lower left right dot?",
         "What pattern does the object have?",
         "A on a background. A dot is above left of a dot. Objects: , .",
@@ -384,6 +408,11 @@ def generate_dataset(
     question_mix: dict[str, float] | None = None,
     fixed_dots: bool = False,
     coarse_subtypes: tuple[str, ...] | None = None,
+    bars: bool = False,
+    textured_dots: bool = False,
+    train_turns: int = 1,
+    image_after_question: bool = False,
+    num_router: int = 0,
 ) -> dict[str, str]:
     """Write the benchmark under `out_dir` and return the paths of what was written.
 
@@ -392,12 +421,16 @@ def generate_dataset(
     as `num_train` unless `num_pretrain` is given), `boxes.json` (every record's object boxes, MG-LLaVA format),
     `images/<split>/<id>.png` (paths in the records are relative to `out_dir`) and `dataset_info.json` (the arguments;
     written last). If `dataset_info.json` already records the same arguments and every file exists, nothing is
-    regenerated (resumable demo runs). `fixed_dots` (see `sample_scene`) and `coarse_subtypes` (a subset of
-    SUBTYPES["coarse"]) tune the difficulty.
+    regenerated (resumable demo runs). `fixed_dots`, `bars`, `textured_dots` (see `sample_scene`) and `coarse_subtypes` (a subset of
+    SUBTYPES["coarse"]) tune the difficulty. `train_turns` > 1 asks that many different questions per training image
+    (a multi-turn conversation: more supervised answers per pass over the visual tokens); `router.json` holds
+    `num_router` single-question training samples, for training that needs one instruction per image (the AVG
+    router). `image_after_question` puts the `<image>` placeholder after the first question instead of before it, so
+    that the visual tokens can already read what is asked.
     """
     geometry = Geometry(tile_size, patch_size)
     num_pretrain = num_train if num_pretrain is None else num_pretrain
-    counts = {"train": num_train, "val": num_val, "test": num_test, "pretrain": num_pretrain}
+    counts = {"train": num_train, "val": num_val, "test": num_test, "pretrain": num_pretrain, "router": num_router}
     for split, n in counts.items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"generate_dataset: the number of {split} samples must be an int >= 0, got {n!r}")
@@ -408,6 +441,8 @@ def generate_dataset(
         raise ValueError(
             f"generate_dataset: question_mix must map {QUESTION_TYPES} to weights >= 0 (not all 0), got {mix}"
         )
+    if not isinstance(train_turns, int) or isinstance(train_turns, bool) or train_turns < 1:
+        raise ValueError(f"generate_dataset: train_turns must be an int >= 1, got {train_turns!r}")
     if coarse_subtypes is not None and (not coarse_subtypes or set(coarse_subtypes) - set(SUBTYPES["coarse"])):
         raise ValueError(f"generate_dataset: coarse_subtypes must be a non-empty subset of {SUBTYPES['coarse']}, "
                          f"got {coarse_subtypes!r}")
@@ -423,7 +458,8 @@ def generate_dataset(
         "generator": "multigran.data.synthetic",
         "format_version": FORMAT_VERSION,
         "arguments": dict(counts=counts, seed=seed, tile_size=tile_size, patch_size=patch_size, question_mix=mix,
-                          fixed_dots=fixed_dots,
+                          fixed_dots=fixed_dots, bars=bars, textured_dots=textured_dots, train_turns=train_turns,
+                          image_after_question=image_after_question,
                           coarse_subtypes=None if coarse_subtypes is None else list(coarse_subtypes)),
         "image_size": geometry.image_size,
         "patch_grid": geometry.grid,
@@ -441,7 +477,7 @@ def generate_dataset(
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, split_index, i])
             while True:  # redraw the (astronomically rare) image already used anywhere
-                scene = sample_scene(rng, geometry, fixed_dots)
+                scene = sample_scene(rng, geometry, fixed_dots, bars, textured_dots)
                 image = render_scene(scene, geometry)
                 digest = _hash(image)
                 if digest not in seen:
@@ -451,19 +487,33 @@ def generate_dataset(
             relative = f"images/{split}/{sample_id}.png"
             Image.fromarray(image).save(os.path.join(root, relative), format="PNG")
             if split == "pretrain":
-                human, answer, qtype, subtype = CAPTION_INSTRUCTION, caption(scene), "caption", "caption"
+                turns, qtype, subtype = [(CAPTION_INSTRUCTION, caption(scene))], "caption", "caption"
             else:
-                qtype = types[rng.choice(len(types), p=weights)]
-                subtype, question, answer = ask(scene, qtype, rng, coarse_subtypes)
-                human = question_prompt(question)
+                turns, kinds = [], []
+                for _ in range(train_turns if split == "train" else 1):
+                    for _attempt in range(20):  # a different question each turn
+                        kind = types[rng.choice(len(types), p=weights)]
+                        subtype, question, answer = ask(scene, kind, rng, coarse_subtypes)
+                        if all(question_prompt(question) != q for q, _ in turns):
+                            break
+                    turns.append((question_prompt(question), answer))
+                    kinds.append((kind, subtype))
+                # Fine questions first: a fine question then sits right after the image, as in the single-question
+                # evaluation prompts, so where its answer looks (a fixed distance back) is the same in both.
+                order = sorted(range(len(turns)), key=lambda t: kinds[t][0] != "fine")
+                turns, kinds = [turns[t] for t in order], [kinds[t] for t in order]
+                qtype, subtype = kinds[0] if len(kinds) == 1 else ("multi", "multi")
+            conversations = []
+            for index, (human, answer) in enumerate(turns):
+                if index == 0:
+                    human = f"{human}\n<image>" if image_after_question else f"<image>\n{human}"
+                conversations += [{"from": "human", "value": human},
+                                  {"from": "gpt", "value": answer}]
             records.append(
                 {
                     "id": sample_id,
                     "image": relative,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{human}"},
-                        {"from": "gpt", "value": answer},
-                    ],
+                    "conversations": conversations,
                     "question_type": qtype,
                     "question_subtype": subtype,
                 }

@@ -292,7 +292,8 @@ def encode_conversation(
 
 # --- Jinja equivalents of the built-in templates, for inference (saved as the processor's chat template) ----------
 
-_CONTENT = (
+MESSAGE_TEXT_JINJA = (  # a message's text: a string, or its parts with '<image>\n' per image
+
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
     "{%- else -%}{%- set text = namespace(value='') -%}"
     "{%- for part in message['content'] -%}"
@@ -305,7 +306,7 @@ _CONTENT = (
 def _jinja_vicuna():
     return (
         "{%- if messages[0]['role'] != 'system' -%}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' }}{%- endif -%}"
-        "{%- for message in messages -%}" + _CONTENT +
+        "{%- for message in messages -%}" + MESSAGE_TEXT_JINJA +
         "{%- if message['role'] == 'system' -%}{{ text + ' ' }}"
         "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + text + ' ' }}"
         "{%- else -%}{{ 'ASSISTANT: ' + text + eos_token }}{%- endif -%}"
@@ -317,7 +318,7 @@ def _jinja_llama_3():
     return (
         "{%- if messages[0]['role'] != 'system' -%}"
         "{{ '<|start_header_id|>system<|end_header_id|>\n\n" + LLAMA_3_SYSTEM + "<|eot_id|>' }}{%- endif -%}"
-        "{%- for message in messages -%}" + _CONTENT +
+        "{%- for message in messages -%}" + MESSAGE_TEXT_JINJA +
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + text | trim + '<|eot_id|>' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
@@ -328,7 +329,7 @@ def _jinja_qwen_2():
     return (
         "{%- if messages[0]['role'] != 'system' -%}"
         "{{ '<|im_start|>system\n" + QWEN_2_SYSTEM + "<|im_end|>\n' }}{%- endif -%}"
-        "{%- for message in messages -%}" + _CONTENT +
+        "{%- for message in messages -%}" + MESSAGE_TEXT_JINJA +
         "{{ '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
@@ -338,7 +339,7 @@ def _jinja_qwen_2():
 def _jinja_plain():
     # Pretraining format: the image placeholder(s) of the user turn, then the answer.
     return (
-        "{%- for message in messages -%}" + _CONTENT +
+        "{%- for message in messages -%}" + MESSAGE_TEXT_JINJA +
         "{%- if message['role'] == 'user' -%}"
         "{%- for _ in range(text.count('<image>')) -%}{{ '<image>' }}{%- endfor -%}"
         "{%- elif message['role'] == 'assistant' -%}{{ text + '\n' }}{%- endif -%}"

@@ -25,17 +25,22 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 
 def question_and_answer(record: dict, where: str) -> tuple[str, str]:
-    """The first human turn (image placeholders removed) and the first assistant turn of a LLaVA record."""
+    """The first human turn (with its `<image>` placeholders) and the first assistant turn of a LLaVA record."""
     turns = record.get("conversations") or []
     human = next((t["value"] for t in turns if t.get("from") == "human"), None)
     answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
     if human is None or answer is None:
         raise ValueError(f"{where}: record {record.get('id')!r} needs a human and a gpt turn")
-    return human.replace("<image>", "").strip(), answer.strip()
+    return human.strip(), answer.strip()
 
 
 def build_prompt(processor, question: str, n_images: int) -> str:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    """The chat prompt of a human turn: its text as is when it places its `<image>` placeholders itself (as the
+    training data did), else the images first."""
+    if "<image>" in question or not n_images:
+        content = question
+    else:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
