@@ -42,9 +42,12 @@ def test_stage3_loss_is_the_mean_of_fixed_granularity_losses(setup):
     model.eval()  # no dropout, so the two computations see the same network
     loss, metrics = multi_granularity_loss(model, dict(batch_at(processor, images, "auto")))
     with torch.no_grad():
-        reference = [model(**batch_at(processor, images, g)).loss for g in model.visual.level_tokens]
+        fixed = [batch_at(processor, images, g) for g in model.visual.level_tokens]
+        reference = [model(**inputs).loss for inputs in fixed]
     torch.testing.assert_close(loss.detach(), torch.stack(reference).mean(), rtol=1e-5, atol=1e-6)
-    assert set(metrics) == {f"loss_g{g}" for g in model.visual.level_tokens}
+    assert set(metrics) == {"visual_tokens", *(f"loss_g{g}" for g in model.visual.level_tokens)}
+    # The throughput metric counts what the LM read at every level, not the one placeholder per image of "auto".
+    assert metrics["visual_tokens"] == sum(int((f["input_ids"] == processor.image_token_id).sum()) for f in fixed)
     loss.backward()
     assert model.visual.projector.linear_1.weight.grad is not None  # stage 3 trains the projector ...
     assert model.visual.router.voter.grad is None  # ... never the router
@@ -86,6 +89,8 @@ def test_rglf_step_runs_the_tower_once_and_trains_only_the_router(setup):
         expected = rglf_loss(torch.stack(router_logits), nll)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert metrics["rglf_samples"] == 2
+    assert metrics["visual_tokens"] == sum(int((batch_at(processor, images, g)["input_ids"] == processor.image_token_id)
+                                               .sum()) for g in model.visual.level_tokens)
 
 
 def test_token_cost_ranks_near_ties_by_visual_tokens(setup, monkeypatch):

@@ -60,6 +60,8 @@ def test_an_interrupted_demo_resumes_without_redoing_finished_work(quick_demo, c
     assert "avg@auto" in results["evaluation"]
 
 
-def test_unknown_demo_method_is_a_clear_error(tmp_path, capsys):
+def test_unknown_or_unavailable_demo_method_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--quick", "--methods", "anyres,vit"]) == 2
     assert "unknown demo method(s) ['vit']" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--methods", "avg,uhd"]) == 2
+    assert "the demo has no stages for ['uhd'] yet" in capsys.readouterr().err

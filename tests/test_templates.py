@@ -205,3 +205,11 @@ def test_unknown_template_and_missing_chat_template(tokenizer):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="has none"):
         prepare_tokenizer(tokenizer, "chat_template")
+
+
+def test_chat_template_that_is_the_saved_plain_template_is_refused(tokenizer):
+    # What a stage-1 run leaves in its processor: naming "chat_template" in stage 2 would drop every question.
+    tokenizer.chat_template = inference_chat_template("plain")
+    with pytest.raises(ValueError, match="is the `plain` pretraining one"):
+        prepare_tokenizer(tokenizer, "chat_template")
+    assert prepare_tokenizer(tokenizer, "vicuna_v1") == []  # naming the conversation template is fine

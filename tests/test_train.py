@@ -2,6 +2,7 @@
 the loss hook and gradient accumulation, metrics and progress, LoRA + merge, and a tiny anyres stage 1 -> stage 2 run."""
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -101,6 +102,18 @@ def test_overrides_are_yaml_and_trainable_keys_keep_their_dots(tmp_path):
         recipe_from_dict({**tree, "trainable": {}})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_recipe(tmp_path / "none.yaml")
+
+
+def test_shipped_recipes_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: the package's own copy is found
+    by_name = load_recipe("avg/stage4_rglf.yaml")
+    in_repo = load_recipe(REPO / "recipes/avg/stage4_rglf.yaml")
+    assert Path(by_name.source).resolve() == Path(in_repo.source).resolve()
+    assert by_name == dataclasses.replace(in_repo, source=by_name.source)
+    assert load_recipe("recipes/avg/stage4_rglf.yaml").source == by_name.source
+    assert by_name.trainable == {"visual.router": 1e-3}
+    with pytest.raises(FileNotFoundError, match=r"'avg/stage5.yaml' does not exist \(shipped recipes: .*avg/stage4_rglf"):
+        load_recipe("avg/stage5.yaml")
 
 
 def test_shipped_recipes_parse_with_documented_schema():

@@ -24,9 +24,8 @@ from .processing import MultiGranImageProcessor, MultiGranProcessor
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("anyres", "avg", "mg", "uhd")
+METHODS = ("anyres", "avg")  # the demo's stages exist for these; MG-LLaVA and LLaVA-UHD v2 have none yet
 DEFAULT_METHODS = ("anyres", "avg")
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train=4000, router=1000, val=300, test=600, pretrain=800, stage1_steps=50, stage2_steps=1000,
-                  stage3_steps=120, stage4_steps=60, batch_size=16, latency_samples=16),
+    "full": Scale(train=4000, router=1600, val=300, test=600, pretrain=800, stage1_steps=50, stage2_steps=600,
+                  stage3_steps=300, stage4_steps=200, batch_size=16, latency_samples=16),
     "quick": Scale(train=160, router=48, val=16, test=48, pretrain=48, stage1_steps=3, stage2_steps=30,
                    stage3_steps=6, stage4_steps=4, batch_size=8, latency_samples=2),
 }
@@ -67,10 +66,12 @@ TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
 
 
 def demo_tokenizer():
-    from .data.synthetic import all_words
+    """Word-level tokenizer over the generator's words and the recipes' `vicuna_v1` system prompt."""
+    from .data.synthetic import all_words, words_of
+    from .data.templates import VICUNA_SYSTEM
     from .data.word_tokenizer import build_word_tokenizer
 
-    return build_word_tokenizer(all_words())
+    return build_word_tokenizer(sorted({*all_words(), *words_of(VICUNA_SYSTEM)}))
 
 
 def init_model(out_dir, method: str, tokenizer, method_settings=None, seed: int = 0) -> Path:
@@ -106,7 +107,7 @@ def train_stage(recipe_name: str, model_dir, out_dir, overrides):
     from .train.recipe import load_recipe
     from .train.trainer import run_training
 
-    recipe = load_recipe(RECIPES / recipe_name, [f"model={model_dir}", f"output_dir={out_dir}", *overrides])
+    recipe = load_recipe(recipe_name, [f"model={model_dir}", f"output_dir={out_dir}", *overrides])
     trainer = run_training(recipe)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"recipe": recipe_name, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
@@ -139,9 +140,10 @@ def stage(out_dir, recipe_name, model_dir, stage_dir, overrides, log):
     return {**info, "ran": True}
 
 
-def common_overrides(data, scale: Scale, steps: int, path=None, template="chat_template", lr=None, parts=()):
+def common_overrides(data, scale: Scale, steps: int, path=None, lr=None, parts=()):
+    """Demo-sized settings; the data templates stay the recipes' own (`plain` for stage 1, `vicuna_v1` after)."""
     overrides = [
-        f"data.path={path or data['train']}", f"data.image_folder={data['image_folder']}", f"data.template={template}",
+        f"data.path={path or data['train']}", f"data.image_folder={data['image_folder']}",
         "data.max_length=512", f"training.max_steps={steps}", f"training.per_device_train_batch_size={scale.batch_size}",
         "training.gradient_accumulation_steps=1", "training.dataloader_num_workers=0", "training.bf16=false",
         "training.activation_checkpointing=false", "training.save_steps=100", "training.save_total_limit=1",
@@ -169,6 +171,9 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
     from .data.synthetic import generate_dataset
 
     unknown = sorted(set(methods) - set(METHODS))
+    if set(unknown) & {"mg", "uhd"}:
+        raise ValueError(f"the demo has no stages for {sorted(set(unknown) & {'mg', 'uhd'})} yet (only "
+                         f"{list(METHODS)}); train them with `multigran train --recipe mg/... | uhd/...`")
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(METHODS)}")
     if "avg" in methods and "anyres" not in methods:
@@ -181,7 +186,7 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
                "stages": {}, "evaluation": {}}
 
     log(f"[1/4] data -> {out / 'data'}")
-    mix = {"coarse": 0.4, "fine": 0.6, "object": 0.3 if "mg" in methods else 0.0}
+    mix = {"coarse": 0.4, "fine": 0.6, "object": 0.0}
     data = generate_dataset(out / "data", num_train=scale.train, num_val=scale.val, num_test=scale.test,
                             num_pretrain=scale.pretrain, num_router=scale.router, seed=seed, tile_size=TILE,
                             patch_size=PATCH, question_mix=mix, **TASK)
@@ -191,7 +196,7 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
     if "anyres" in methods:
         if not (out / "anyres-init" / "config.json").is_file():
             init_model(out / "anyres-init", "anyres", tokenizer, seed=seed)
-        stage1 = common_overrides(data, scale, scale.stage1_steps, path=data["pretrain"], template="plain")
+        stage1 = common_overrides(data, scale, scale.stage1_steps, path=data["pretrain"])
         results["stages"]["anyres/stage1"] = stage(out, "anyres/stage1_pretrain.yaml", out / "anyres-init",
                                                    out / "anyres-stage1", stage1, log)
         # From scratch, every part learns at 1e-3 (the recipe's 2e-5 / 2e-6 are for pretrained LLMs and towers).
@@ -245,7 +250,9 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
     return results
 
 
-# RGLF's tie-breaker for the demo (nats per 1000 visual tokens; see multigran.train.avg.rglf_training_loss).
+# RGLF's tie-breaker for the demo (nats per 1000 visual tokens; see multigran.train.avg.rglf_training_loss): between
+# the coarsest and the finest level (21 vs 300 visual tokens per image) it adds 0.28 nats. (0.2 was tried too: the
+# router then no longer sent coarse questions to the coarsest levels, and fine ones still did not reach the finest.)
 TOKEN_COST = 1.0
 
 

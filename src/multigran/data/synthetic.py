@@ -411,7 +411,6 @@ def generate_dataset(
     bars: bool = False,
     textured_dots: bool = False,
     train_turns: int = 1,
-    image_after_question: bool = False,
     num_router: int = 0,
 ) -> dict[str, str]:
     """Write the benchmark under `out_dir` and return the paths of what was written.
@@ -425,8 +424,7 @@ def generate_dataset(
     SUBTYPES["coarse"]) tune the difficulty. `train_turns` > 1 asks that many different questions per training image
     (a multi-turn conversation: more supervised answers per pass over the visual tokens); `router.json` holds
     `num_router` single-question training samples, for training that needs one instruction per image (the AVG
-    router). `image_after_question` puts the `<image>` placeholder after the first question instead of before it, so
-    that the visual tokens can already read what is asked.
+    router).
     """
     geometry = Geometry(tile_size, patch_size)
     num_pretrain = num_train if num_pretrain is None else num_pretrain
@@ -459,7 +457,6 @@ def generate_dataset(
         "format_version": FORMAT_VERSION,
         "arguments": dict(counts=counts, seed=seed, tile_size=tile_size, patch_size=patch_size, question_mix=mix,
                           fixed_dots=fixed_dots, bars=bars, textured_dots=textured_dots, train_turns=train_turns,
-                          image_after_question=image_after_question,
                           coarse_subtypes=None if coarse_subtypes is None else list(coarse_subtypes)),
         "image_size": geometry.image_size,
         "patch_grid": geometry.grid,
@@ -498,15 +495,11 @@ def generate_dataset(
                             break
                     turns.append((question_prompt(question), answer))
                     kinds.append((kind, subtype))
-                # Fine questions first: a fine question then sits right after the image, as in the single-question
-                # evaluation prompts, so where its answer looks (a fixed distance back) is the same in both.
-                order = sorted(range(len(turns)), key=lambda t: kinds[t][0] != "fine")
-                turns, kinds = [turns[t] for t in order], [kinds[t] for t in order]
                 qtype, subtype = kinds[0] if len(kinds) == 1 else ("multi", "multi")
             conversations = []
             for index, (human, answer) in enumerate(turns):
                 if index == 0:
-                    human = f"{human}\n<image>" if image_after_question else f"<image>\n{human}"
+                    human = f"<image>\n{human}"
                 conversations += [{"from": "human", "value": human},
                                   {"from": "gpt", "value": answer}]
             records.append(

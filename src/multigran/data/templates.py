@@ -109,6 +109,12 @@ def prepare_tokenizer(tokenizer, template: str) -> list[str]:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("template 'chat_template' needs a tokenizer with a chat_template; this tokenizer has none")
+    if template == "chat_template" and tokenizer.chat_template == _jinja_plain():
+        # A stage-1 (`plain`) run saves this template with its processor; it drops the user's text, so a later
+        # stage that asks for "the tokenizer's own" template would train on answers without their questions.
+        raise ValueError("template 'chat_template': this tokenizer's chat template is the `plain` pretraining one "
+                         "(saved by a stage-1 run), which drops the user's text; name the conversation template "
+                         "(vicuna_v1, llama_3, qwen_2, chatml) in data.template instead")
     return missing
 
 

@@ -39,12 +39,14 @@ def multi_granularity_loss(model, batch, **unused):
     core = unwrap(model)  # attributes from the bare model; forwards through the (possibly wrapped) one
     visual = core.visual
     crops = visual.encode_crops(core.vision_tower, batch["pixel_values"], batch["image_sizes"])
-    losses = []
+    losses, visual_tokens = [], 0
     for granularity in visual.level_tokens:
         input_ids, attention_mask, labels, features = _at_granularity(model, batch, crops, granularity)
         losses.append(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                             image_features=features).loss)
+        visual_tokens += sum(f.shape[0] for f in features)
     metrics = {f"loss_g{g}": float(loss.detach()) for g, loss in zip(visual.level_tokens, losses)}
+    metrics["visual_tokens"] = visual_tokens  # what the LM read: the placeholders count one per image in auto mode
     return mean_granularity_loss(losses), metrics
 
 
@@ -95,6 +97,8 @@ def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGH
     per_sample = per_sample[keep] / images_per_sample[keep, None]
     parts = rglf_loss(per_sample, target[keep], ce_weight, rank_weight, margin_scale, return_parts=True)
     best = target[keep].argmin(dim=1)
-    metrics = {"rglf_ce": float(parts["ce"].detach()), "rglf_rank": float(parts["rank"].detach()), "rglf_samples": int(keep.sum()),
-               "router_top1_agreement": float((per_sample.argmax(dim=1) == best).float().mean())}
+    metrics = {"rglf_ce": float(parts["ce"].detach()), "rglf_rank": float(parts["rank"].detach()),
+               "rglf_samples": int(keep.sum()),
+               "router_top1_agreement": float((per_sample.argmax(dim=1) == best).float().mean()),
+               "visual_tokens": int(tokens.sum())}  # read by the frozen LMM over its forwards at every level
     return parts["loss"], metrics

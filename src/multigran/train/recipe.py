@@ -61,6 +61,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -236,11 +237,21 @@ def recipe_from_dict(tree: dict, source: str | None = None) -> Recipe:
     )
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
 def load_recipe(path, overrides=()) -> Recipe:
-    """Reads a recipe YAML, applies `key.sub=value` overrides, validates it (unknown keys are errors)."""
+    """Reads a recipe YAML, applies `key.sub=value` overrides, validates it (unknown keys are errors).
+
+    `path` is a file, or the name of a recipe shipped with the package (`anyres/stage2_finetune.yaml`, also written
+    `recipes/anyres/stage2_finetune.yaml`), so installed copies work outside the repository too."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe {path!r} does not exist")
+        shipped = SHIPPED_RECIPES / path.removeprefix("recipes/")
+        if not shipped.is_file():
+            names = sorted(str(p.relative_to(SHIPPED_RECIPES)) for p in SHIPPED_RECIPES.rglob("*.yaml"))
+            raise FileNotFoundError(f"recipe {path!r} does not exist (shipped recipes: {', '.join(names)})")
+        path = str(shipped)
     with open(path, encoding="utf-8") as handle:
         try:
             tree = load_yaml(handle)

@@ -362,10 +362,16 @@ class MultiGranTrainer(Trainer):
         self._window = {"samples": 0, "visual_tokens": 0, "metrics": {}, "lrs": {}, "start": time.perf_counter()}
 
     def _record(self, inputs, metrics):
+        """Adds a step to the logging window. A loss that runs the LM on other sequences than the batch's (AVG's
+        losses, one forward per granularity) reports the visual tokens it used as the `visual_tokens` metric;
+        otherwise they are the batch's image placeholders."""
         window = self._window
         input_ids = inputs["input_ids"]
         window["samples"] += input_ids.shape[0]
-        if self.image_token_id is not None:
+        metrics = dict(metrics)
+        if "visual_tokens" in metrics:
+            window["visual_tokens"] += int(metrics.pop("visual_tokens"))
+        elif self.image_token_id is not None:
             window["visual_tokens"] += int((input_ids == self.image_token_id).sum())
         for key, value in metrics.items():
             total, count = window["metrics"].get(key, (0.0, 0))
