@@ -122,7 +122,7 @@ def mark_done(path, info: dict):
     (Path(path) / "DONE").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def stage(out_dir, recipe_name, model_dir, stage_dir, overrides, log):
+def stage(recipe_name, model_dir, stage_dir, overrides, log):
     """Runs a recipe unless its output is complete; resumes from the newest checkpoint after an interruption."""
     from .train.trainer import latest_complete_checkpoint
 
@@ -197,12 +197,12 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
         if not (out / "anyres-init" / "config.json").is_file():
             init_model(out / "anyres-init", "anyres", tokenizer, seed=seed)
         stage1 = common_overrides(data, scale, scale.stage1_steps, path=data["pretrain"])
-        results["stages"]["anyres/stage1"] = stage(out, "anyres/stage1_pretrain.yaml", out / "anyres-init",
+        results["stages"]["anyres/stage1"] = stage("anyres/stage1_pretrain.yaml", out / "anyres-init",
                                                    out / "anyres-stage1", stage1, log)
         # From scratch, every part learns at 1e-3 (the recipe's 2e-5 / 2e-6 are for pretrained LLMs and towers).
         stage2 = common_overrides(data, scale, scale.stage2_steps, lr=1e-3,
                                   parts=("visual", "language_model", "vision_tower"))
-        results["stages"]["anyres/stage2"] = stage(out, "anyres/stage2_finetune.yaml", out / "anyres-stage1",
+        results["stages"]["anyres/stage2"] = stage("anyres/stage2_finetune.yaml", out / "anyres-stage1",
                                                    out / "anyres-stage2", stage2, log)
     if "avg" in methods:
         if not (out / "avg-init" / "config.json").is_file():
@@ -211,12 +211,12 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
             switch_method(out / "anyres-stage2", out / "avg-init", "avg", {"compat": True}, seed=seed)
         stage3 = common_overrides(data, scale, scale.stage3_steps, lr=5e-4,
                                   parts=("visual.projector", "visual.image_newline", "language_model"))
-        results["stages"]["avg/stage3"] = stage(out, "avg/stage3_multigranularity.yaml", out / "avg-init",
+        results["stages"]["avg/stage3"] = stage("avg/stage3_multigranularity.yaml", out / "avg-init",
                                                 out / "avg-stage3", stage3, log)
         stage4 = common_overrides(data, scale, scale.stage4_steps, path=data["router"], lr=1e-3,
                                   parts=("visual.router",))
         stage4.append(f"loss.options.token_cost={TOKEN_COST}")
-        results["stages"]["avg/stage4"] = stage(out, "avg/stage4_rglf.yaml", out / "avg-stage3",
+        results["stages"]["avg/stage4"] = stage("avg/stage4_rglf.yaml", out / "avg-stage3",
                                                 out / "avg-stage4", stage4, log)
 
     log("[3/4] evaluation on the test split")

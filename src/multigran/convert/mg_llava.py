@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, ConvNextModel
 
-from ..data.templates import MESSAGE_TEXT_JINJA
 from ..configuration import MultiGranConfig
+from ..data.templates import MESSAGE_TEXT_JINJA
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
 from ..vision.convnext import load_open_clip_convnext
 from .common import (

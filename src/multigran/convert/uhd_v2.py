@@ -35,9 +35,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from ..configuration import CLIP_L_336, MultiGranConfig
+from ..data.templates import inference_chat_template
 from ..pipelines.uhd import separator_token_ids
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
-from ..data.templates import inference_chat_template
 from .avg_llava import _NOT_LLM
 from .common import (
     CheckpointMismatchError,
