@@ -261,7 +261,9 @@ def hiwin_reference(model, levels, pooled_sizes):
         projector = getattr(model, f"features_{name}_projector")
         value = layer_norm(level.permute(1, 2, 0) @ projector.weight.T + projector.bias, model.ln_kv)  # (h, w, D)
         height, width = value.shape[:2]
-        table = model.pos_embed.float().reshape(1, g, g, d).permute(0, 3, 1, 2)
+        # resized in float32 (the release), in float64 for a float64 model
+        table = model.pos_embed.to(torch.promote_types(model.pos_embed.dtype, torch.float32))
+        table = table.reshape(1, g, g, d).permute(0, 3, 1, 2)
         pe = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
         key = value + pe.to(value.dtype) + getattr(model, f"feature_{name}_embedding")[0, 0]
         maps.append((key, value))
@@ -296,9 +298,10 @@ def hiwin_reference(model, levels, pooled_sizes):
     return torch.stack(tokens)
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("mask, compat, shapes", [(7, True, [(8, 8), (6, 10)]), (5, False, [(6, 10)])])
-def test_matches_slow_per_window_reference(mask, compat, shapes):
-    model = tiny(grid_size=4, feature_scale_mask=mask, compat=compat).double().eval()
+def test_matches_slow_per_window_reference(mask, compat, shapes, impl):
+    model = tiny(grid_size=4, feature_scale_mask=mask, compat=compat, impl=impl).double().eval()
     with torch.no_grad():  # non-trivial level embeddings and biases
         for name in ("1x", "2x", "4x"):
             getattr(model, f"feature_{name}_embedding").normal_()
@@ -326,8 +329,9 @@ def test_gradients_reach_every_trainable_parameter():
     assert all(level.grad.abs().sum() > 0 for level in levels)
 
 
-def test_bfloat16_runs_and_is_close_to_float32():
-    model = tiny(grid_size=4).eval()
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_bfloat16_runs_and_is_close_to_float32(impl):
+    model = tiny(grid_size=4, impl=impl).eval()
     generator = torch.Generator().manual_seed(5)
     levels = pyramid(generator, 8, 8, 8, 7)
     with torch.no_grad():
@@ -358,3 +362,202 @@ def test_window_boxes_rounded_to_working_dtype_in_compat(compat, monkeypatch):
     want = exact.bfloat16().float() if compat else exact
     for rois in seen:
         assert torch.equal(rois[:, 1:].float(), want)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the fused path (impl="fused", default) against the release's order of operations (impl="reference")
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_more_than_256_same_size_bfloat16_slices(impl):
+    """The RoIAlign slice index stays exact in bf16 compat mode (bf16 integers are exact only up to 256)."""
+    model = tiny(grid_size=4, feature_scale_mask=1, impl=impl).eval().to(torch.bfloat16)
+    maps = torch.randn(300, 8, 8, 8, generator=torch.Generator().manual_seed(17)).bfloat16()
+    with torch.no_grad():
+        batched = model([[maps]])
+        for i in (0, 256, 257, 299):
+            torch.testing.assert_close(batched[i], model([[maps[i : i + 1]]])[0], rtol=0.02, atol=0.02)
+
+
+def randomised(model, seed=0):
+    """Non-trivial LayerNorms, level embeddings and biases: every term of the fused path matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(tensor.dtype)
+            if name.startswith("ln_") and name.endswith("weight"):
+                tensor.copy_(1 + 0.5 * noise)
+            elif name.endswith("bias") or name.endswith("embedding") or name.startswith("ln_"):
+                tensor.copy_(0.5 * noise)
+            else:
+                tensor.add_(0.1 * tensor.std() * noise)
+    return model
+
+
+def mixed_batch(generator, mask, dtype):
+    """Square, wide (w/h = 2 -> 2x4 pooling) and tall slices, a stack of two same-size slices, and a 1x map smaller
+    than the 4x4 window grid (windows clamped to 1 pixel: some samples fall off the map, RoIAlign of ones < 1)."""
+    entries = [pyramid(generator, 8, h, w, mask, dtype) for h, w in [(8, 8), (6, 12), (12, 6), (3, 3)]]
+    stacked = [torch.stack(pair) for pair in zip(*[pyramid(generator, 8, 6, 10, mask, dtype) for _ in range(2)])]
+    return entries + [stacked, pyramid(generator, 8, 8, 8, mask, dtype)]
+
+
+def both(model, slices):
+    outputs = {}
+    for impl in ("reference", "fused"):
+        model.impl = impl
+        outputs[impl] = model(slices)
+    model.impl = "fused"
+    return outputs["fused"], outputs["reference"]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("compat", [True, False])
+@pytest.mark.parametrize("mask", [1, 5, 7])
+def test_fused_equals_reference(mask, compat, dtype, tolerance):
+    model = randomised(tiny(grid_size=4, feature_scale_mask=mask, compat=compat).to(dtype)).eval()
+    slices = mixed_batch(torch.Generator().manual_seed(10 + mask), mask, dtype)
+    with torch.no_grad():
+        fused, reference = both(model, slices)
+    assert fused.shape == (7, 16, 32)
+    torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance * reference.abs().max().item())
+
+
+def test_fused_equals_reference_at_the_release_grid():
+    """12 x 12 windows, 3 levels, a 24x24 slice, a 19x29 overview (2x3 pooling) and a 25x22 slice in one batch."""
+    model = randomised(HiwinProjector(64, vision_dim=8, num_heads=2).double()).eval()
+    generator = torch.Generator().manual_seed(11)
+    slices = [pyramid(generator, 8, h, w, 7, torch.float64) for h, w in [(24, 24), (19, 29), (25, 22)]]
+    with torch.no_grad():
+        fused, reference = both(model, slices)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("mask, compat", [(7, True), (5, False)])
+def test_fused_gradients_equal_reference(mask, compat):
+    model = randomised(tiny(grid_size=4, feature_scale_mask=mask, compat=compat).double())
+    generator = torch.Generator().manual_seed(12)
+    slices = [[level.requires_grad_() for level in entry] for entry in mixed_batch(generator, mask, torch.float64)[:4]]
+    inputs = [level for entry in slices for level in entry]
+    weights = torch.randn(4, 16, 32, generator=generator, dtype=torch.float64)
+    grads = {}
+    for impl in ("reference", "fused"):
+        model.impl = impl
+        model.zero_grad()
+        loss = (model(slices).sin() * weights).sum()
+        names, tensors = zip(*model.named_parameters())
+        grads[impl] = dict(zip(names + tuple(range(len(inputs))),
+                               torch.autograd.grad(loss, tensors + tuple(inputs), allow_unused=True)))
+    unused = {name for name, grad in grads["reference"].items() if grad is None}
+    assert unused == {name for name, grad in grads["fused"].items() if grad is None}
+    assert unused == ({"feature_2x_embedding", "features_2x_projector.weight", "features_2x_projector.bias"}
+                      if mask == 5 else set())  # the parameters of the levels outside the mask
+    for name, want in grads["reference"].items():
+        if want is None:
+            continue
+        scale = want.abs().max().item()
+        torch.testing.assert_close(grads["fused"][name], want, rtol=1e-9, atol=1e-9 * max(scale, 1e-3), msg=str(name))
+
+
+def test_fused_cache_follows_the_weights():
+    model = randomised(tiny(grid_size=4).double()).eval()
+    slices = mixed_batch(torch.Generator().manual_seed(13), 7, torch.float64)[:3]
+
+    def fresh_reference():
+        model.impl = "reference"
+        with torch.no_grad():
+            out = model(slices)
+        model.impl = "fused"
+        return out
+
+    def check():
+        with torch.no_grad():
+            got = model(slices)
+        torch.testing.assert_close(got, fresh_reference(), rtol=1e-10, atol=1e-10)
+
+    with torch.no_grad():
+        first = model(slices)
+        folded = model._fused_cache[1]
+        torch.testing.assert_close(model(slices), first, rtol=0, atol=0)
+        assert model._fused_cache[1] is folded  # reused
+    check()
+    with torch.no_grad():  # in-place edits bump the version counters
+        model.ln_kv.weight.mul_(2)
+    check()
+    with torch.no_grad():
+        model.features_4x_projector.weight.add_(0.1)
+        model.attn.in_proj_weight[: model.embed_dim].mul_(-1)  # W_q through a view
+        model.query_3.add_(1.0)
+        model.feature_2x_embedding.add_(1.0)
+    check()
+    with torch.inference_mode():
+        model.ln_q.bias.add_(0.5)
+    check()
+    other = randomised(tiny(grid_size=4).double(), seed=1)
+    model.load_state_dict(other.state_dict())
+    check()
+    model.features_1x_projector.weight.data.mul_(3)  # .data bypasses the version counter: clear by hand
+    model.clear_fused_cache()
+    check()
+    model.train()
+    assert model._fused_cache is None
+    # with autograd recording nothing is cached and gradients reach the folded weights
+    out = model(slices)
+    assert model._fused_cache is None
+    out.sum().backward()
+    assert model.ln_kv.weight.grad is not None and model.features_4x_projector.weight.grad.abs().sum() > 0
+
+
+def test_fused_cache_in_inference_mode_and_after_to():
+    model = randomised(tiny(grid_size=4)).eval()
+    slices = mixed_batch(torch.Generator().manual_seed(14), 7, torch.float32)[:2]
+    with torch.inference_mode():
+        first = model(slices)
+        assert model._fused_cache is not None
+    with torch.no_grad():  # a cache built in inference mode serves no_grad calls
+        torch.testing.assert_close(model(slices), first, rtol=0, atol=0)
+    model.double()
+    assert model._fused_cache is None
+    with torch.no_grad():
+        fused, reference = both(model, [[level.double() for level in entry] for entry in slices])
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_bfloat16_close_to_float32_reference():
+    model = randomised(tiny(grid_size=4)).eval()
+    slices = mixed_batch(torch.Generator().manual_seed(15), 7, torch.float32)
+    with torch.no_grad():
+        model.impl = "reference"
+        want = model(slices)
+        model.impl = "fused"
+        got = model.to(torch.bfloat16)([[level.bfloat16() for level in entry] for entry in slices])
+    assert got.dtype == torch.bfloat16
+    error = (got.float() - want).norm() / want.norm()
+    assert error < 0.03, error
+
+
+def test_fused_under_cpu_autocast_close_to_float32_reference():
+    """Mixed-precision training runs a float32 module under bf16 autocast; the fused path keeps its LN statistics and
+    weight folding in float32 there."""
+    model = randomised(tiny(grid_size=4))
+    slices = mixed_batch(torch.Generator().manual_seed(16), 7, torch.float32)
+    model.impl = "reference"
+    with torch.no_grad():
+        want = model(slices)
+    model.impl = "fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(slices)
+        got.float().sum().backward()
+    assert model.ln_kv.weight.grad is not None
+    error = (got.float() - want).norm() / want.norm()
+    assert error < 0.03, error
+
+
+def test_impl_setting():
+    from multigran.pipelines.uhd import UhdSettings
+
+    with pytest.raises(ValueError, match="impl must be one of"):
+        HiwinProjector(32, vision_dim=8, num_heads=2, impl="fast")
+    with pytest.raises(ValueError, match="hiwin_impl must be one of"):
+        UhdSettings(hiwin_impl="fast")
+    assert UhdSettings().hiwin_impl == "fused" and tiny().impl == "fused"

@@ -38,6 +38,7 @@ from torch import nn
 from ..configuration import parse_method_settings
 from ..vision.varres import encode_variable_resolution
 from .uhd_hiwin import GRID_SIZE, HiwinProjector
+from .uhd_hiwin import IMPLEMENTATIONS as HIWIN_IMPLEMENTATIONS
 from .uhd_jbu import JBU4xStack
 
 # Constants of the release (`slice_process.py`, training/eval scripts) and the paper (Sec. 4.1).
@@ -274,6 +275,9 @@ class UhdSettings:
         stored here. Never hard-coded (the release hard-codes Llama's 29892 and 13). Needed as soon as an image is
         sliced.
     num_heads: heads of the window attention; None = D / 128 (release).
+    hiwin_impl: how the window attention is computed: "fused" (default; the exact, several times cheaper
+        reformulation) or "reference" (the release's order of operations, kept as the reference). Same outputs up to
+        float rounding, same weights; see uhd_hiwin.
     """
 
     max_slices: int = MAX_SLICES_EVAL
@@ -283,6 +287,7 @@ class UhdSettings:
     pre_resize_long_side: int | None = None
     separator_ids: list | None = None
     num_heads: int | None = None
+    hiwin_impl: str = "fused"
 
     def __post_init__(self):
         _check_positive_int(self.max_slices, "uhd method_settings: max_slices")
@@ -293,6 +298,10 @@ class UhdSettings:
             raise ValueError(
                 "uhd method_settings: feature_scale_mask must be a bitmask of 1 (1x), 2 (2x), 4 (4x) between 1 and 7, "
                 f"got {self.feature_scale_mask!r}"
+            )
+        if self.hiwin_impl not in HIWIN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"uhd method_settings: hiwin_impl must be one of {list(HIWIN_IMPLEMENTATIONS)}, got {self.hiwin_impl!r}"
             )
         if self.separator_ids is not None:
             ids = self.separator_ids
@@ -444,7 +453,7 @@ class UhdPipeline(nn.Module):
         self.upsampler = JBU4xStack(vision.hidden_size) if self.settings.uses_jbu else None
         self.mm_projector = HiwinProjector(
             text.hidden_size, vision.hidden_size, GRID_SIZE, self.settings.feature_scale_mask, self.settings.compat,
-            self.settings.num_heads,
+            self.settings.num_heads, impl=self.settings.hiwin_impl,
         )
         # The ids of "," and "\n", following the model's device. Not saved (config.method_settings holds them):
         # reset_parameters fills it, also after loading.
