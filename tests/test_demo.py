@@ -1,10 +1,16 @@
-"""`multigran demo --quick`: the whole main job end to end (data, every stage, evaluation, report), and its resume."""
+"""`multigran demo --quick`: the whole main job end to end (data, every stage, evaluation, report), and its resume;
+and the property the benchmark rests on, checked on the demo model itself."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
+import torch
 
+from multigran import demo
 from multigran.cli import main
+from multigran.data import synthetic as syn
 from multigran.processing import MultiGranProcessor
 
 
@@ -42,8 +48,6 @@ def test_quick_demo_trains_every_stage_and_reports(quick_demo):
 
 
 def test_an_interrupted_demo_resumes_without_redoing_finished_work(quick_demo, capsys, monkeypatch):
-    import multigran.demo as demo
-
     (quick_demo / "avg-stage4" / "DONE").unlink()  # as if the run stopped during stage 4
     evaluation = json.loads((quick_demo / "evaluation.json").read_text())
     del evaluation["avg@auto"]
@@ -60,8 +64,88 @@ def test_an_interrupted_demo_resumes_without_redoing_finished_work(quick_demo, c
     assert "avg@auto" in results["evaluation"]
 
 
-def test_unknown_or_unavailable_demo_method_is_a_clear_error(tmp_path, capsys):
+def test_unknown_demo_method_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--quick", "--methods", "anyres,vit"]) == 2
     assert "unknown demo method(s) ['vit']" in capsys.readouterr().err
-    assert main(["demo", "--out", str(tmp_path), "--quick", "--methods", "avg,uhd"]) == 2
-    assert "the demo has no stages for ['uhd'] yet" in capsys.readouterr().err
+
+
+def test_quick_demo_of_mg_llava_and_llava_uhd_v2(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--methods", "mg,uhd"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["methods"] == ["anyres", "mg", "uhd"]  # both start from the LLaVA-NeXT stage-2 model
+    assert list(results["stages"]) == ["anyres/stage1", "anyres/stage2", "mg/stage1", "mg/stage2", "uhd/stage0",
+                                       "uhd/stage1", "uhd/stage2"]
+    evaluation = results["evaluation"]
+    assert set(evaluation) == {"anyres", "mg", "mg, no boxes", "uhd"}
+    # MG-LLaVA: 144 fused tokens + one object token per ground-truth box, or one all-zero box without boxes.
+    assert evaluation["mg"]["mean_visual_tokens"] == 144 + demo.HIRES_TASK["num_objects"]
+    assert evaluation["mg, no boxes"]["mean_visual_tokens"] == 144 + 1
+    # LLaVA-UHD v2: a 192-px image is 2x2 slices of 96 px plus the overview, 144 tokens each + a separator per slice.
+    assert evaluation["uhd"]["mean_visual_tokens"] == 4 * 145 + 144
+    assert set(evaluation["mg"]["accuracy_by_type"]) == {"coarse", "fine", "object"}
+    assert "mg_object_gain_from_object_tokens" in results["targets"]
+    assert "| mg, no boxes |" in (tmp_path / "report.md").read_text()
+    # a third of the training images have no boxes: the same model also learns to answer without object tokens
+    train_boxes = json.loads((tmp_path / "data-hires" / "boxes-train.json").read_text())
+    assert sum(not r["boxes"] for r in train_boxes) == len(train_boxes) // 3
+
+
+# ------------------------------------------------------------------ the benchmark's property on the demo model
+
+
+def permute_block(scene):
+    """The square left of the framed one swapped with the other row's left square: another fine answer."""
+    first, second, third = scene.square_colors  # framed row 0: TL, BL, BR; framed row 1: TL, TR, BL
+    colors = (second, first, third) if scene.framed_row == 0 else (third, second, first)
+    return dataclasses.replace(scene, square_colors=colors)
+
+
+def test_the_demo_model_cannot_see_the_fine_answer_at_levels_0_to_2(tmp_path):
+    """The demo's tower has no position embedding, so AVG-LLaVA's pooled tokens at levels 0-2 are the same for two
+    images whose fine answers differ (exactly, for any weights: checked here with random ones), while levels 3 and 4
+    differ. This is why a fine question cannot be answered at the coarse levels, whatever the training."""
+    from multigran.demo import demo_tokenizer, init_model
+    from multigran.modeling import MultiGranForConditionalGeneration
+    from multigran.pipelines.avg import granularity_levels
+
+    init_model(tmp_path / "model", "avg", demo_tokenizer(), seed=3)
+    model = MultiGranForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    processor = MultiGranProcessor.from_pretrained(tmp_path / "model")
+    assert not model.vision_tower.embeddings.position_embedding.weight.any()
+    with torch.no_grad():  # random weights everywhere else, including a non-zero class embedding and biases
+        for parameter in model.visual.projector.parameters():
+            parameter.normal_(0, 0.5)
+    levels = [tokens for tokens, _, _ in granularity_levels(12)]
+    for i in range(4):
+        scene = syn.sample_scene(np.random.default_rng([9, i]), num_objects=0)
+        images = [syn.render_scene(scene), syn.render_scene(permute_block(scene))]
+        assert not np.array_equal(images[0], images[1])
+        inputs = processor.image_processor(images=images)
+        with torch.no_grad():
+            crops = model.visual.encode_crops(model.vision_tower, inputs["pixel_values"], inputs["image_sizes"])
+            for level in levels:
+                a, b = (model.visual.merge(c, s, level) for c, s in zip(crops, inputs["image_sizes"].tolist()))
+                difference = float((a - b).abs().max() / a.abs().max())  # float rounding only, or a real change
+                if level <= 36:
+                    assert difference < 1e-5, (i, level, difference)
+                else:
+                    assert difference > 1e-2, (i, level, difference)
+
+
+def test_demo_training_keeps_the_tower_without_position_embedding(tmp_path):
+    """The stage-2 overrides train the whole tower except its (zero) position embedding."""
+    from multigran.demo import TOWER_PARTS, demo_tokenizer, init_model
+    from multigran.modeling import MultiGranForConditionalGeneration
+    from multigran.train.recipe import load_recipe
+    from multigran.train.trainer import parameter_groups
+
+    init_model(tmp_path / "model", "anyres", demo_tokenizer())
+    model = MultiGranForConditionalGeneration.from_pretrained(tmp_path / "model")
+    recipe = load_recipe("anyres/stage2_finetune.yaml", [
+        f"model={tmp_path / 'model'}", *(f"trainable.{part}=1.0e-3" for part in TOWER_PARTS),
+        "trainable.vision_tower=null"])
+    groups = parameter_groups(model, recipe.trainable)
+    frozen = [name for name, _ in model.named_parameters() if name.startswith("vision_tower.") and name not in groups]
+    # (post_layernorm only normalises the CLS output, which LLaVA-style models never read)
+    assert frozen == ["vision_tower.embeddings.position_embedding.weight", "vision_tower.post_layernorm.weight",
+                      "vision_tower.post_layernorm.bias"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multigran.ops.adaptive_conv import adaptive_conv
+from multigran.ops.adaptive_conv import adaptive_conv, window_dot
 from multigran.pipelines.uhd_jbu import (
     AttentionDownsampler,
     JBU4xStack,
@@ -87,11 +87,40 @@ def test_adaptive_conv_prepadded_input_and_large_window():
     )
 
 
-def test_adaptive_conv_gradients():
+@pytest.mark.parametrize("padding", ["reflect", "zeros"])
+def test_adaptive_conv_gradients(padding):
+    # The explicit backward (one in-place padded gradient buffer) against finite differences, every entry.
     gen = torch.Generator().manual_seed(2)
-    features = torch.randn(1, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    kernels = torch.randn(1, 9, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda f, k: adaptive_conv(f, k), (features, kernels), fast_mode=True)
+    features = torch.randn(2, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    kernels = torch.randn(2, 9, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, k: adaptive_conv(f, k, padding=padding), (features, kernels))
+    kernels_only = kernels.detach().requires_grad_()  # one input needing no gradient
+    assert torch.autograd.gradcheck(lambda k: adaptive_conv(features.detach(), k, padding=padding), (kernels_only,))
+
+
+def _window_dot_reference(keys, radius):
+    keys = keys.double().numpy()
+    batch, _, height, width = keys.shape
+    size = 2 * radius + 1
+    out = np.zeros((batch, size * size, height, width))
+    for b in range(batch):
+        for y in range(height):
+            for x in range(width):
+                for i in range(size):
+                    for j in range(size):
+                        yy, xx = _reflect(y + i - radius, height), _reflect(x + j - radius, width)
+                        out[b, i * size + j, y, x] = keys[b, :, yy, xx] @ keys[b, :, y, x]
+    return torch.from_numpy(out)
+
+
+def test_window_dot_matches_per_pixel_loops_and_its_gradient_is_exact():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(window_dot(keys, 2), _window_dot_reference(keys.detach(), 2))
+    assert torch.autograd.gradcheck(lambda k: window_dot(k, 1), (keys,))
+    assert window_dot(keys.detach().bfloat16(), 1).dtype == torch.float32  # logits for the softmax: float32
+    with pytest.raises(ValueError, match="larger than 3 pixels"):
+        window_dot(torch.zeros(1, 2, 3, 8), 3)
 
 
 def test_adaptive_conv_bf16_keeps_dtype():

@@ -1,8 +1,9 @@
 """Tests of the synthetic granularity benchmark (multigran.data.synthetic) and the word-level tokenizer.
 
-The key property is checked by construction on pixels, with pooling written out here: the two answers of a fine
-question give bit-identical 4x4 (and 2x4, 2x2) average-pooled pixels but different per-patch pixels, while coarse
-answers are recovered from the 4x4-pooled pixels alone by a nearest-centroid classifier.
+The key property is checked by construction on pixels, with pooling written out here: permuting the block's three
+white-framed squares changes the fine answer but gives bit-identical 4x4, 2x4 and 2x2 average-pooled pixels (the
+1x2 and per-patch pixels differ), while coarse answers are recovered from the 4x4-pooled pixels alone by a
+nearest-centroid classifier. (tests/test_demo.py checks the same property on the demo model's pooled tokens.)
 """
 
 import dataclasses
@@ -133,32 +134,27 @@ def commonest_colours(image, k):
     return [palette_name((c >> 16, (c >> 8) & 255, c & 255)) for c in top]
 
 
-def decode_dots(image, exclude, patch=8):
-    """The dots: patch-aligned uniform patches whose colour is not in `exclude` (background and shape colours)."""
+def decode_block(image, patch=8):
+    """The block's squares: patch-aligned patches whose 1-px border is one frame colour around a uniform interior.
+    Returns {(row, col): (frame, interior colour)} with frame "framed" (black frame) or "plain" (white frame); the
+    framed square's interior is not a palette colour (None)."""
     n = image.shape[0] // patch
-    blocks = image.reshape(n, patch, n, patch, 3)
-    uniform = (blocks == blocks[:, :1, :, :1]).all(axis=(1, 3, 4))  # (n, n)
-    dots = {}
-    for row, col in zip(*np.nonzero(uniform)):
-        colour = palette_name(image[row * patch, col * patch])
-        if colour not in exclude:
-            assert colour not in dots
-            dots[colour] = (int(row), int(col))
-    return dots
+    found = {}
+    frames = {tuple(syn.FRAMED_FRAME): "framed", tuple(syn.PLAIN_FRAME): "plain"}
+    for row in range(n):
+        for col in range(n):
+            square = image[row * patch:(row + 1) * patch, col * patch:(col + 1) * patch]
+            border = np.concatenate([square[0], square[-1], square[1:-1, 0], square[1:-1, -1]])
+            interior = square[1:-1, 1:-1]
+            if (border == border[0]).all() and tuple(border[0]) in frames and (interior == interior[0, 0]).all():
+                found[(row, col)] = (frames[tuple(border[0])], palette_name(interior[0, 0]))
+    return found
 
 
-def answer_fine_question(dots, question):
-    """Answer a dot question from the dot positions {colour: (row, col)}."""
-    (c1, (r1, k1)), (c2, (r2, k2)) = sorted(dots.items(), key=lambda item: item[1])  # upper/left first
-    vertical = r2 > r1
-    match = re.match(r"Is the (\w+) dot (above or below|left or right of) the (\w+) dot\?", question)
-    if match:
-        x, relation, y = match.groups()
-        assert {x, y} == {c1, c2} and (relation == "above or below") == vertical
-        return ("above" if x == c1 else "below") if vertical else ("left" if x == c1 else "right")
-    word = re.match(r"What color is the (upper|lower|left|right) dot\?", question).group(1)
-    assert (word in ("upper", "lower")) == vertical
-    return {"upper": c1, "left": c1, "lower": c2, "right": c2}[word]
+def answer_fine_question(block):
+    """The colour of the square left of the (only) black-framed square, from the decoded block."""
+    (row, col), = [position for position, (frame, _) in block.items() if frame == "framed"]
+    return block[(row, col - 1)][1]
 
 
 def test_answers_match_what_the_pixels_show(dataset):
@@ -170,21 +166,24 @@ def test_answers_match_what_the_pixels_show(dataset):
             question, answer, subtype = question_of(record), answer_of(record), record["question_subtype"]
             objects = [decode_object(image[y1:y2, x1:x2]) for x1, y1, x2, y2 in boxes[record["id"]]["boxes"]]
             assert sorted(p for _, p in objects) == sorted(syn.PATTERNS) and len({c for c, _ in objects}) == 3
+            assert "white" not in {c for c, _ in objects}
+            assert all(x1 % 2 == 0 and y1 % 2 == 0 for x1, y1, *_ in boxes[record["id"]]["boxes"])  # one stripe phase
             background, shape = commonest_colours(image, 2)
-            dots = decode_dots(image, exclude=(background, shape))
-            assert len(dots) == 2
-            (r1, k1), (r2, k2) = sorted(dots.values())  # upper/left first
-            assert (r2 - r1, k2 - k1) in ((1, 0), (0, 1))
-            assert r1 // 4 == r2 // 4 and k1 // 4 == k2 // 4  # one coarsest-level cell
-            assert (r1 % 2 == 0) if r2 > r1 else (k1 % 2 == 0)  # one 2x2 window
-            orientation = "vertical" if r2 > r1 else "horizontal"
+            block = decode_block(image)
+            assert len(block) == 4 and [frame for frame, _ in block.values()].count("framed") == 1
+            assert [colour for frame, colour in block.values() if frame == "framed"] == [None]
+            (top, left) = min(block)
+            assert top % 2 == 0 and left % 2 == 0  # one 2x2 window
+            assert set(block) == {(top, left), (top, left + 1), (top + 1, left), (top + 1, left + 1)}
+            assert len({colour for frame, colour in block.values() if frame == "plain"}) == 3
+            framed = next(p for p, (frame, _) in block.items() if frame == "framed")
+            assert framed[1] == left + 1  # the right square of its row
             if subtype == "background_color":
                 assert answer == background
             elif subtype == "shape_color":
                 assert answer == shape
-            elif record["question_type"] == "fine":
-                assert subtype.endswith(orientation)
-                assert answer == answer_fine_question(dots, question)
+            elif subtype == "left_of_framed":
+                assert question == syn.FINE_QUESTION and answer == answer_fine_question(block)
             elif subtype == "object_pattern":
                 colour = re.match(r"What pattern does the (\w+) object have\?", question).group(1)
                 assert answer == dict(objects)[colour]
@@ -197,33 +196,32 @@ def test_answers_match_what_the_pixels_show(dataset):
 
 # ------------------------------------------------------------------------------- the granularity property itself
 
+LEVEL_KERNELS = [(4, 4), (2, 4), (2, 2), (1, 2), (1, 1)]  # AVG-LLaVA's levels in patches (rows x cols), coarsest first
+
+
+def permuted_block(scene):
+    """The scene with the square left of the framed one swapped with a white-framed square of the other row: a
+    different fine answer, the same four squares in the block's 2x2 window."""
+    first, second, third = scene.square_colors  # framed row 0: TL, BL, BR; framed row 1: TL, TR, BL
+    colors = (second, first, third) if scene.framed_row == 0 else (third, second, first)
+    return dataclasses.replace(scene, square_colors=colors)
+
 
 @pytest.mark.parametrize("tile_size", [64, 96, 128])
 def test_fine_answers_are_invisible_after_coarse_pooling_but_visible_per_patch(tile_size):
-    """Swapping the two dots flips every fine answer; the pooled pixels of levels 0-2 (and 3 for horizontal pairs)
-    stay bit-identical, the per-patch pixels do not. Levels: AVG-LLaVA's kernels in patches, rows x cols."""
+    """Permuting the white-framed squares changes the fine answer; the pooled pixels of levels 0-2 stay
+    bit-identical, those of levels 3 and 4 do not."""
     geometry = syn.Geometry(tile_size, 8)
-    same = Counter()
-    for i in range(40):
+    for i in range(30):
         rng = np.random.default_rng([11, i])
         scene = syn.sample_scene(rng, geometry)
-        flipped = dataclasses.replace(scene, dot_colors=scene.dot_colors[::-1])
-        a, b = syn.render_scene(scene, geometry), syn.render_scene(flipped, geometry)
-        exclude = (scene.background, scene.shape_color)
-        for _ in range(4):  # every fine question has the other answer on the flipped scene
-            _, question, answer = syn.ask(scene, "fine", rng)
-            assert answer == answer_fine_question(decode_dots(a, exclude), question)
-            assert answer != answer_fine_question(decode_dots(b, exclude), question)
-        for level, kernel in enumerate([(4, 4), (2, 4), (2, 2), (1, 2), (1, 1)]):
-            equal = pooled_sums(a, 8, kernel) == pooled_sums(b, 8, kernel)
-            same[level, scene.dot_orientation] += equal
-    assert same[0, "vertical"] + same[0, "horizontal"] == 40  # coarsest: always identical
-    for orientation in ("vertical", "horizontal"):
-        n = same[0, orientation]
-        assert n > 5
-        assert same[1, orientation] == same[2, orientation] == n
-        assert same[3, orientation] == (n if orientation == "horizontal" else 0)
-        assert same[4, orientation] == 0  # finest: always different
+        other = permuted_block(scene)
+        a, b = syn.render_scene(scene, geometry), syn.render_scene(other, geometry)
+        assert scene.left_of_framed != other.left_of_framed
+        assert answer_fine_question(decode_block(a)) == scene.left_of_framed
+        assert answer_fine_question(decode_block(b)) == other.left_of_framed
+        for level, kernel in enumerate(LEVEL_KERNELS):
+            assert (pooled_sums(a, 8, kernel) == pooled_sums(b, 8, kernel)) == (level <= 2), (i, level)
 
 
 def test_coarse_answers_are_recovered_from_coarsest_pooled_pixels():
@@ -248,13 +246,14 @@ def test_coarse_answers_are_recovered_from_coarsest_pooled_pixels():
     predicted = [classes[j] for j in nearest]
     for attribute in range(3):  # background colour, shape colour, shape kind
         accuracy = np.mean([p[attribute] == t[attribute] for p, t in zip(predicted, y_eval)])
-        assert accuracy >= 0.95, (attribute, accuracy)
+        assert accuracy >= 0.9, (attribute, accuracy)
     assert {t[2] for t in y_eval} == set(syn.SHAPES)
 
 
 def test_object_textures_are_erased_by_a_2x_downscale_but_not_at_full_resolution():
-    for colour in syn.PALETTE:
+    for colour in (c for c in syn.PALETTE if c != "white"):  # objects are never white: it is the texture's other colour
         full = [syn.texture(p, colour, 12).astype(np.int64) for p in syn.PATTERNS]
+        assert all(((t == syn.PALETTE[colour]).all(-1) | (t == syn.PALETTE["white"]).all(-1)).all() for t in full)
         half = [t.reshape(6, 2, 6, 2, 3).sum(axis=(1, 3)) for t in full]
         assert all((h == half[0]).all() for h in half)
         assert all((full[i] != full[j]).any() for i in range(3) for j in range(i + 1, 3))
@@ -298,10 +297,10 @@ def test_an_image_drawn_twice_is_redrawn(tmp_path, monkeypatch):
     real = syn.sample_scene
     calls = []
 
-    def first_draws_collide(rng, geometry=syn.Geometry(), fixed_dots=False, bars=False, textured_dots=False):
+    def first_draws_collide(rng, geometry=syn.Geometry(), num_objects=syn.NUM_OBJECTS):
         calls.append(1)
         chosen = np.random.default_rng(0) if len(calls) <= 2 else rng
-        return real(chosen, geometry, fixed_dots, bars, textured_dots)
+        return real(chosen, geometry, num_objects)
 
     monkeypatch.setattr(syn, "sample_scene", first_draws_collide)
     paths = syn.generate_dataset(tmp_path, num_train=1, num_val=1, num_test=0, num_pretrain=0)
@@ -326,7 +325,7 @@ def test_question_mix_selects_the_kinds_asked(tmp_path):
     )
     records = json.load(open(paths["train"]))
     assert {r["question_type"] for r in records} == {"fine"}
-    assert {"above", "below", "left", "right"} <= {answer_of(r) for r in records}
+    assert {answer_of(r) for r in records} == set(syn.BLOCK_COLORS)
 
 
 # ------------------------------------------------------------------------------------------------- vocabulary
@@ -335,7 +334,7 @@ def test_question_mix_selects_the_kinds_asked(tmp_path):
 def test_every_generated_word_is_in_the_vocabulary(dataset):
     _, records, _ = dataset
     vocabulary, answers = set(syn.all_words()), set(syn.answer_vocabulary())
-    assert answers <= vocabulary and len(answers) == len(syn.PALETTE) + 4 + 3 + 4
+    assert answers <= vocabulary and len(answers) == len(syn.PALETTE) + len(syn.SHAPES) + len(syn.PATTERNS)
     for split in SPLITS:
         for record in records[split]:
             for turn in record["conversations"]:
@@ -354,6 +353,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         syn.Geometry(32, 8)
     with pytest.raises(ValueError, match="even"):
         syn.Geometry(96, 3)
+    with pytest.raises(ValueError, match=">= 4"):
+        syn.Geometry(64, 2)
     with pytest.raises(TypeError, match="tile_size"):
         syn.Geometry(96.0, 8)
     with pytest.raises(ValueError, match="train"):
@@ -368,7 +369,9 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="colour 'teal'"):
         syn.render_scene(dataclasses.replace(scene, background="teal"))
     with pytest.raises(ValueError, match="outside"):
-        syn.render_scene(dataclasses.replace(scene, dot_patches=((12, 0), (12, 1))))
+        syn.render_scene(dataclasses.replace(scene, block_origin=(12, 0)))
+    with pytest.raises(ValueError, match="block colour 'white'"):
+        syn.render_scene(dataclasses.replace(scene, square_colors=("white", "red", "green")))
     assert not os.path.exists(os.path.join(tmp_path, "train.json"))
 
 
@@ -429,7 +432,7 @@ def test_tokenizer_saves_and_reloads_with_autotokenizer(tmp_path, tokenizer):
     saved = build_word_tokenizer(syn.all_words(), out_dir=tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded.get_vocab() == saved.get_vocab() == tokenizer.get_vocab()
-    text = "<image>\nIs the red dot above or below the blue dot?"
+    text = "<image>\n" + syn.FINE_QUESTION
     assert reloaded(text)["input_ids"] == saved(text)["input_ids"]
     assert reloaded.image_token_id == 4 and reloaded.eos_token == "</s>" and reloaded.pad_token_id == 1
     content = [{"type": "image"}, {"type": "text", "text": "What color is the big shape?"}]
@@ -448,60 +451,40 @@ def test_tokenizer_rejects_bad_words():
         build_word_tokenizer("red")
 
 
-def test_fixed_dots_and_coarse_subtypes(tmp_path):
-    """The demo's easier variant: the dot pair always at the same patches, only the chosen coarse questions."""
-    paths = syn.generate_dataset(tmp_path, num_train=40, num_val=0, num_test=0, num_pretrain=0, fixed_dots=True,
-                                 coarse_subtypes=("background_color", "shape_color"))
+def test_subtypes_restrict_the_questions_asked(tmp_path):
+    paths = syn.generate_dataset(tmp_path, num_train=40, num_val=0, num_test=0, num_pretrain=0,
+                                 subtypes={"coarse": ("background_color", "shape_color"), "object": ("object_pattern",)})
     records = json.load(open(paths["train"]))
-    assert {r["question_subtype"] for r in records if r["question_type"] == "coarse"} <= {"background_color",
-                                                                                         "shape_color"}
-    for i in range(20):
-        scene = syn.sample_scene(np.random.default_rng(i), syn.Geometry(), fixed_dots=True)
-        first, second = scene.dot_patches
-        assert first == ((0, 1) if scene.dot_orientation == "vertical" else (1, 0))
-        assert second == (first[0] + 1, first[1]) if scene.dot_orientation == "vertical" else (first[0], first[1] + 1)
-    with pytest.raises(ValueError, match="coarse_subtypes must be a non-empty subset"):
-        syn.generate_dataset(tmp_path, num_train=1, coarse_subtypes=("shape_size",))
+    asked = {(r["question_type"], r["question_subtype"]) for r in records}
+    assert asked == {("coarse", "background_color"), ("coarse", "shape_color"), ("fine", "left_of_framed"),
+                     ("object", "object_pattern")}
+    with pytest.raises(ValueError, match="subtypes must map a question type"):
+        syn.generate_dataset(tmp_path, num_train=1, subtypes={"coarse": ("shape_size",)})
+    with pytest.raises(ValueError, match="subtypes must map a question type"):
+        syn.generate_dataset(tmp_path, num_train=1, subtypes={"medium": ("background_color",)})
 
 
-@pytest.mark.parametrize("fixed_dots", [False, True])
-def test_textured_dots_keep_the_pooling_property(fixed_dots):
-    """Striped dots (horizontal stripes on the first, vertical on the second): swapping their colours still leaves
-    levels 0-2 (and 3 for side-by-side dots) bit-identical while the finest level changes."""
-    geometry = syn.Geometry(96, 8)
-    for i in range(12):
-        scene = syn.sample_scene(np.random.default_rng([6, i]), geometry, fixed_dots=fixed_dots, textured_dots=True)
-        flipped = dataclasses.replace(scene, dot_colors=scene.dot_colors[::-1])
-        a, b = syn.render_scene(scene, geometry), syn.render_scene(flipped, geometry)
-        (r1, c1), _ = scene.dot_patches
-        first = a[r1 * 8:(r1 + 1) * 8, c1 * 8:(c1 + 1) * 8]
-        assert (first[0] != first[1]).any() and (first[:, 0] == first[:, 1]).all()  # horizontal stripes
-        for level, kernel in enumerate([(4, 4), (2, 4), (2, 2), (1, 2), (1, 1)]):
-            equal = (pooled_sums(a, 8, kernel) == pooled_sums(b, 8, kernel))
-            assert equal == (level <= 2 or (level == 3 and scene.dot_orientation == "horizontal")), level
-
-
-@pytest.mark.parametrize("fixed_dots", [False, True])
-def test_bars_keep_the_pooling_property(fixed_dots):
-    """Bars (4 patches each) instead of dots: swapping their colours still leaves levels 0-2 (and 3 for side-by-side
-    bars) bit-identical while the finest level changes."""
-    geometry = syn.Geometry(96, 8)
-    for i in range(12):
-        scene = syn.sample_scene(np.random.default_rng([5, i]), geometry, fixed_dots=fixed_dots, bars=True)
-        assert scene.mark_word == "bar"
-        flipped = dataclasses.replace(scene, dot_colors=scene.dot_colors[::-1])
-        a, b = syn.render_scene(scene, geometry), syn.render_scene(flipped, geometry)
-        assert (a != b).any(axis=-1).sum() == 2 * 4 * 8 * 8  # two 4-patch bars of 8x8-pixel patches changed
-        for level, kernel in enumerate([(4, 4), (2, 4), (2, 2), (1, 2), (1, 1)]):
-            equal = (pooled_sums(a, 8, kernel) == pooled_sums(b, 8, kernel))
-            expected = level <= 2 or (level == 3 and scene.dot_orientation == "horizontal")
-            assert equal == expected, (level, scene.dot_orientation)
-        assert "bar" in syn.ask(scene, "fine", np.random.default_rng(i))[1]
+def test_one_object_is_named_the_object_and_no_object_allows_no_object_question(tmp_path):
+    paths = syn.generate_dataset(tmp_path, num_train=30, num_val=0, num_test=0, num_pretrain=0, num_objects=1,
+                                 question_mix={"object": 1.0})
+    records = json.load(open(paths["train"]))
+    boxes = {r["id"]: r for r in json.load(open(paths["boxes"]))}
+    for record in records:
+        assert question_of(record) in ("What pattern does the object have?", "What color is the object?")
+        assert len(boxes[record["id"]]["boxes"]) == 1
+    none = syn.generate_dataset(tmp_path / "none", num_train=3, num_val=0, num_test=0, num_pretrain=2, num_objects=0,
+                                question_mix={"coarse": 1.0})
+    assert all(r["boxes"] == [] for r in json.load(open(none["boxes"])))
+    assert "Objects" not in json.load(open(none["pretrain"]))[0]["conversations"][1]["value"]
+    with pytest.raises(ValueError, match="num_objects is 0"):
+        syn.generate_dataset(tmp_path / "bad", num_train=1, num_objects=0)
+    with pytest.raises(ValueError, match="num_objects must be an int from 0 to 3"):
+        syn.generate_dataset(tmp_path / "bad", num_train=1, num_objects=4)
 
 
 def test_multi_turn_training_and_the_router_split(tmp_path):
     paths = syn.generate_dataset(tmp_path, num_train=20, num_val=5, num_test=5, num_pretrain=0, num_router=7,
-                                 train_turns=4, fixed_dots=True)
+                                 train_turns=4)
     train = json.load(open(paths["train"]))
     for record in train:
         turns = record["conversations"]
@@ -512,3 +495,11 @@ def test_multi_turn_training_and_the_router_split(tmp_path):
     assert len(router) == 7 and all(len(r["conversations"]) == 2 for r in router)
     hashes = [h for split in ("train", "val", "test", "router") for h in image_hashes(paths, json.load(open(paths[split]))).values()]
     assert len(set(hashes)) == len(hashes)  # no image in two places
+    # With only three different questions to ask (two coarse kinds and the fine one), a conversation stops at three:
+    # a question asked twice could be answered by copying the earlier answer.
+    fewer = syn.generate_dataset(tmp_path / "fewer", num_train=20, num_val=0, num_test=0, num_pretrain=0,
+                                 train_turns=4, question_mix={"coarse": 0.5, "fine": 0.5},
+                                 subtypes={"coarse": ("background_color", "shape_color")})
+    for record in json.load(open(fewer["train"])):
+        questions = [t["value"] for t in record["conversations"][::2]]
+        assert len(questions) == len(set(questions)) <= 3

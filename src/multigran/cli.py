@@ -239,8 +239,9 @@ def demo_command(args):
 
 def add_demo_arguments(parser):
     parser.add_argument("--out", default="demo_out", help="output directory (an interrupted run resumes there)")
-    parser.add_argument("--quick", action="store_true", help="a small run (about 2 minutes) that checks the plumbing")
-    parser.add_argument("--methods", default="anyres,avg", help="comma-separated: anyres, avg (mg and uhd have no demo stages yet)")
+    parser.add_argument("--quick", action="store_true", help="a small run (well under 2 minutes) that checks the plumbing")
+    parser.add_argument("--methods", default="anyres,avg",
+                        help="comma-separated from anyres, avg, mg, uhd (anyres, the base of the others, always runs)")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -8,31 +8,40 @@ Geometry (why one tile)
 -----------------------
 An image is exactly ONE AnyRes tile: `image_size == tile_size` (default 96 px) with `patch_size` 8, so the vision
 tower sees an n x n patch grid (n = 12) and the AnyRes base view (whole image resized to the tile size) is the same
-pixels as the tile. The guarantees below are stated on pixels aligned to the patch grid; they hold exactly in every
-view the model sees only if no view resamples the image. With 2 x 2 tiles the base view would be a 2x downscale: an
-8-px mark becomes half a patch, two marks swap places inside ONE base patch, and that patch's own feature (not an
-average of several) changes, so average pooling of the base view would no longer remove the fine information.
+pixels as the tile. The guarantees below are stated on patches; they hold in every view the model sees only because
+no view resamples the image.
 
-AVG-LLaVA's levels pool the n x n grid with kernels (rows x cols) 4x4, 2x4, 2x2, 1x2, 1x1 (level 0 = coarsest). A
-"cell" below is one 4x4-patch window (32 px): the image has (n/4) x (n/4) cells (3 x 3 by default).
+AVG-LLaVA's levels pool the n x n grid with kernels (rows x cols) 4x4, 2x4, 2x2, 1x2, 1x1 (level 0 = coarsest).
 
-Every image holds the same four things, whatever is asked (so only the INSTRUCTION tells which level is needed):
-- background: one solid palette colour;
-- big shape: a circle, ring, triangle or bar about 0.76 of the image wide, centred (+- half a patch), one colour.
-  Their 3x3 cell-coverage patterns differ by >= 0.4 of a cell (ring: empty centre cell; bar: empty top/bottom
-  rows; triangle: empty top corners), so kind and colours are readable from the 4x4-pooled pixels: COARSE questions.
-- two dots: one patch each (exactly `patch_size` px, aligned to the patch grid), two different colours, adjacent,
-  inside one cell. Vertical pairs start on an even patch row, horizontal pairs on an even patch column, so the pair
-  lies in one window of the 4x4, 2x4 and 2x2 kernels (horizontal pairs also in one 1x2 window). Swapping the two
-  colours therefore leaves every pooled window of those levels bit-identical, while the per-patch pixels differ:
-  FINE questions ("is the red dot above or below the blue dot?", "what color is the left dot?") are at chance
-  (50 %) from levels 0-2 and answerable from level 3 (vertical pairs) or level 4 (horizontal pairs).
-- three objects: 1.5-patch squares (12 px) at arbitrary pixel positions (not patch aligned), each with its own
-  colour and a 1-px texture (horizontal stripes, vertical stripes or checkered; a permutation of the three) that
-  alternates the colour with a greyer shade. All three textures have the same mean over any 2x2 pixel block of the
-  object's interior, so any 2x downscale (e.g. MG-LLaVA's low-resolution view) erases the texture, while the box
-  crop at full resolution shows it. OBJECT questions ("what pattern does the red object have?", "what color is the
-  checkered object?"); their ground-truth boxes go to `boxes.json` (MG-LLaVA box-file format).
+What an image holds
+-------------------
+Every image holds the same things, whatever is asked (so only the INSTRUCTION tells which level is needed):
+- background: one solid palette colour, and a big shape (circle, ring, triangle or bar, 0.6 of the image wide,
+  centred +- half a patch) of another colour. COARSE questions: the background's colour, the shape's colour (and its
+  kind, `shape_kind`, which needs the layout of the coarsest cells).
+- the block: 2 x 2 squares, each exactly one patch, aligned to even patch rows and columns, so the block lies in one
+  window of the 4x4, 2x4 and 2x2 kernels and each of its rows in one 1x2 window. The right square of a random row is
+  "the framed square": a black 1-px frame around a white interior; the other three are white 1-px frames around
+  interiors of three different colours. FINE question: "What color is the square left of the framed square?".
+- up to three objects: 1.5-patch squares (12 px) at even pixel positions (not patch aligned, away from the block), each
+  with its own colour (never white) and a 1-px texture (horizontal stripes, vertical stripes or checkered; a
+  permutation of the three) that alternates the colour with white. All three textures have the same mean over any
+  2x2 pixel block, so any 2x downscale (e.g. MG-LLaVA's low-resolution view) erases the texture, while the box crop
+  at full resolution shows it. Even positions keep the stripes in one phase relative to stride-2/4 convolution stems,
+  so a high-resolution encoder sees each texture the same way wherever the object is. OBJECT questions ("what
+  pattern does the red object have?", "what color is the checkered object?"; with one object, "what pattern does
+  the object have?"); their ground-truth boxes go to `boxes.json` (MG-LLaVA box-file format).
+
+Why the fine question needs a fine level, by construction
+---------------------------------------------------------
+Permuting the three white-framed squares changes the answer (the square left of the framed one gets another colour)
+but moves whole patches inside one 2x2 window, so every window of levels 0-2 holds the same patches: their pooled
+pixels are bit-identical. For a model whose vision tower has no position embedding (the demo's tiny tower), this holds
+for its pooled TOKENS too, exactly and whatever the weights: the tower is then equivariant to permutations of the
+patches, the projector works token by token, and an average over a window is symmetric in the window's tokens. So at
+levels 0-2 no model of that kind can tell the three candidates apart (at most 1/3 accuracy on average over the
+permutations), while at level 3 the framed square and its left neighbour share one 1x2 window (the answer is the
+other square in it) and at level 4 every square is its own token.
 
 Splits
 ------
@@ -67,11 +76,10 @@ PALETTE = {
 }
 SHAPES = ("circle", "ring", "triangle", "bar")
 PATTERNS = ("horizontal", "vertical", "checkered")
-DIRECTIONS = ("above", "below", "left", "right")
 QUESTION_TYPES = ("coarse", "fine", "object")
 SUBTYPES = {
     "coarse": ("background_color", "shape_color", "shape_kind"),
-    "fine": ("dot_order_vertical", "dot_order_horizontal", "dot_color_vertical", "dot_color_horizontal"),
+    "fine": ("left_of_framed",),
     "object": ("object_pattern", "object_color"),
 }
 DEFAULT_QUESTION_MIX = {"coarse": 0.4, "fine": 0.4, "object": 0.2}
@@ -80,12 +88,19 @@ SPLITS = ("train", "val", "test", "pretrain", "router")  # a split's index is pa
 # LLaVA-1.5's short-answer suffix (its VQAv2/GQA evaluation prompts), also MG-LLaVA's.
 QUESTION_SUFFIX = "Answer the question using a single word or phrase."
 CAPTION_INSTRUCTION = "Describe the image briefly."
+FINE_QUESTION = "What color is the square left of the framed square?"
 NUM_OBJECTS = 3
 BOX_LABEL = "object"
 INFO_FILE = "dataset_info.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-_SHAPE_RADIUS = 0.38  # of the image side; see the coverage argument in the module docstring
+# Block squares: interiors from the palette's chromatic colours; frames in two colours outside the palette, so a
+# frame is never mistaken for an interior (or for the palette's white and black).
+BLOCK_COLORS = tuple(c for c in PALETTE if c not in ("white", "black"))
+FRAMED_FRAME, FRAMED_INTERIOR = (0, 0, 0), (255, 255, 255)
+PLAIN_FRAME = (255, 255, 255)
+
+_SHAPE_RADIUS = 0.3  # of the image side: the background keeps >= 70 % of the pixels
 _PATTERN_PHRASE = {
     "horizontal": "the object with horizontal stripes",
     "vertical": "the object with vertical stripes",
@@ -105,9 +120,9 @@ class Geometry:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"Geometry.{name} must be an int, got {type(value).__name__}")
-        if self.patch_size < 2 or self.patch_size % 2:
+        if self.patch_size < 4 or self.patch_size % 2:
             raise ValueError(
-                f"Geometry.patch_size must be even and >= 2 (object textures are 1-px), got {self.patch_size}"
+                f"Geometry.patch_size must be even and >= 4 (a framed square and 1-px textures), got {self.patch_size}"
             )
         if self.tile_size % (4 * self.patch_size):
             raise ValueError(
@@ -151,16 +166,23 @@ class Scene:
     shape: str
     shape_color: str
     shape_center: tuple[float, float]  # x, y in pixels
-    dot_orientation: str  # "vertical" or "horizontal"
-    dot_patches: tuple[tuple[int, int], tuple[int, int]]  # (row, col) patch indices; first = upper / left dot
-    dot_colors: tuple[str, str]  # colours of the first and second dot
+    block_origin: tuple[int, int]  # (row, col) patch of the block's top-left square; both even
+    framed_row: int  # 0 or 1: the framed square is the right square of this block row
+    square_colors: tuple[str, str, str]  # interiors of the other three squares, in raster order
     objects: tuple[SceneObject, ...]  # in reading order (top to bottom, then left to right)
-    mark_length: int = 1  # patches a mark spans across the pair's axis: 1 = a dot, 4 = a bar across its cell
-    mark_textures: tuple[str, str] | None = None  # 1-px textures of the first and second mark (None: solid)
 
     @property
-    def mark_word(self) -> str:
-        return "dot" if self.mark_length == 1 else "bar"
+    def framed_index(self) -> int:
+        return 2 * self.framed_row + 1
+
+    @property
+    def left_of_framed(self) -> str:
+        return self.square_colors[0 if self.framed_row == 0 else 2]
+
+    def block_patches(self) -> list[tuple[int, int]]:
+        """(row, col) of the four squares, raster order."""
+        row, col = self.block_origin
+        return [(row, col), (row, col + 1), (row + 1, col), (row + 1, col + 1)]
 
 
 def _check_color(name: str) -> tuple[int, int, int]:
@@ -169,70 +191,41 @@ def _check_color(name: str) -> tuple[int, int, int]:
     return PALETTE[name]
 
 
-def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), fixed_dots: bool = False,
-                 bars: bool = False, textured_dots: bool = False) -> Scene:
-    """Draw one scene. Colours that must stay visible on top of each other are kept distinct.
-
-    fixed_dots: the dot pair always starts at the same patch (top-left cell, second row/column); only its orientation
-    and colours vary. The fine questions then need one patch's features, found by position, instead of a search over
-    the image: the easy-to-learn variant a few CPU minutes of training can solve (`multigran demo` uses it).
-    bars: each mark is a bar of 4 patches across the pair's axis (a whole cell wide), so it holds 4x the pixels of a
-    dot; the pooled windows of levels 0-2 (0-3 for side-by-side bars) still contain both marks whole, so swapping
-    their colours leaves them unchanged, exactly as for dots.
-    textured_dots: the first (upper / left) dot has 1-px horizontal stripes, the second vertical ones (each half its
-    colour, half a greyer shade, see `texture`), so a dot's place in the pair is also visible inside its own patch.
-    Both textures hold the same pixels in equal numbers, so swapping the colours still leaves every pooled window
-    that holds the pair unchanged.
-    """
-    if bars and textured_dots:
-        raise ValueError("sample_scene: textured_dots applies to dots, not bars")
+def sample_scene(rng: np.random.Generator, geometry: Geometry = Geometry(), num_objects: int = NUM_OBJECTS) -> Scene:
+    """Draw one scene (with 0 to 3 objects). Colours that must stay visible on top of each other are kept distinct."""
     colors = list(PALETTE)
-    size, p, cell_px = geometry.image_size, geometry.patch_size, geometry.cell_px
+    size, p = geometry.image_size, geometry.patch_size
     background, shape_color = (colors[i] for i in rng.choice(len(colors), 2, replace=False))
     shape = SHAPES[rng.integers(len(SHAPES))]
     jitter = p // 2
     center = (size / 2 + int(rng.integers(-jitter, jitter + 1)), size / 2 + int(rng.integers(-jitter, jitter + 1)))
 
-    # Dots lie on the background or on the shape, so they avoid both colours.
-    free = [c for c in colors if c not in (background, shape_color)]
-    dot_colors = tuple(free[i] for i in rng.choice(len(free), 2, replace=False))
-    orientation = ("vertical", "horizontal")[rng.integers(2)]
-    cell_row, cell_col = (int(v) for v in rng.integers(geometry.cells, size=2))
-    along = 2 * int(rng.integers(2))  # pair starts on an even row/col: one 2x2 (and 1x2 if horizontal) window
-    across = int(rng.integers(4))
-    if fixed_dots:
-        cell_row, cell_col, along, across = 0, 0, 0, 1
-    length = 4 if bars else 1
-    if bars:
-        across = 0  # the bar spans its cell
-    if orientation == "vertical":
-        first = (4 * cell_row + along, 4 * cell_col + across)
-        second = (first[0] + 1, first[1])
-    else:
-        first = (4 * cell_row + across, 4 * cell_col + along)
-        second = (first[0], first[1] + 1)
+    half = geometry.grid // 2
+    origin = (2 * int(rng.integers(half)), 2 * int(rng.integers(half)))  # even row and column: one 2x2 window
+    square_colors = tuple(BLOCK_COLORS[i] for i in rng.choice(len(BLOCK_COLORS), 3, replace=False))
+    framed_row = int(rng.integers(2))
 
-    # Objects: distinct colours (so a colour names one object), a permutation of the textures, anywhere except the
-    # dots' cell (so the dots stay the only things there), 2 px apart from each other.
-    object_colors = [free[i] for i in rng.choice(len(free), NUM_OBJECTS, replace=False)]
-    patterns = [PATTERNS[i] for i in rng.permutation(len(PATTERNS))[:NUM_OBJECTS]]
+    # Objects: distinct colours (so a colour names one object) that differ from the background and the shape, a
+    # permutation of the textures, away from the block and 2 px apart from each other.
+    free = [c for c in colors if c not in (background, shape_color, "white")]  # white would hide the texture
+    object_colors = [free[i] for i in rng.choice(len(free), num_objects, replace=False)]
+    patterns = [PATTERNS[i] for i in rng.permutation(len(PATTERNS))[:num_objects]]
     s = geometry.object_size
-    dot_cell = (cell_col * cell_px, cell_row * cell_px, (cell_col + 1) * cell_px, (cell_row + 1) * cell_px)
+    block_box = (origin[1] * p, origin[0] * p, (origin[1] + 2) * p, (origin[0] + 2) * p)
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(100_000):
-        if len(boxes) == NUM_OBJECTS:
+        if len(boxes) == num_objects:
             break
-        x1, y1 = (int(v) for v in rng.integers(0, size - s + 1, size=2))
+        x1, y1 = (2 * int(v) for v in rng.integers(0, (size - s) // 2 + 1, size=2))  # even: fixed stripe phase
         box = (x1, y1, x1 + s, y1 + s)
-        if _overlaps(box, dot_cell, gap=0) or any(_overlaps(box, other, gap=2) for other in boxes):
+        if _overlaps(box, block_box, gap=2) or any(_overlaps(box, other, gap=2) for other in boxes):
             continue
         boxes.append(box)
-    if len(boxes) < NUM_OBJECTS:  # not reachable: >= 3 of the >= 4 cells are free and an object is < half a cell
-        raise RuntimeError(f"could not place {NUM_OBJECTS} objects in a {size}px image")
+    if len(boxes) < num_objects:  # not reachable: the block and the objects cover a small part of the image
+        raise RuntimeError(f"could not place {num_objects} objects in a {size}px image")
     objects = [SceneObject(c, pat, b) for c, pat, b in zip(object_colors, patterns, boxes)]
     objects.sort(key=lambda o: (o.box[1], o.box[0]))
-    return Scene(background, shape, shape_color, center, orientation, (first, second), dot_colors, tuple(objects),
-                 length, ("horizontal", "vertical") if textured_dots else None)
+    return Scene(background, shape, shape_color, center, origin, framed_row, square_colors, tuple(objects))
 
 
 def _overlaps(a, b, gap):
@@ -265,12 +258,12 @@ def shape_mask(shape: str, center: tuple[float, float], size: int) -> np.ndarray
 
 @functools.lru_cache(maxsize=256)
 def texture(pattern: str, color: str, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 object texture: the colour alternating 1-px wise with the colour pulled halfway to grey.
+    """(size, size, 3) uint8 object texture: the colour alternating 1-px wise with white.
 
     Every 2x2 block of it holds two pixels of each, so all patterns have the same mean at half resolution.
     """
     rgb = np.array(_check_color(color), dtype=np.int64)
-    shade = (rgb + 128) // 2
+    white = np.array(PALETTE["white"], dtype=np.int64)
     v, u = np.mgrid[0:size, 0:size]
     if pattern == "horizontal":
         on = v % 2 == 0
@@ -280,7 +273,7 @@ def texture(pattern: str, color: str, size: int) -> np.ndarray:
         on = (u + v) % 2 == 0
     else:
         raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
-    out = np.where(on[..., None], rgb, shade).astype(np.uint8)
+    out = np.where(on[..., None], rgb, white).astype(np.uint8)
     out.flags.writeable = False  # cached: shared between calls
     return out
 
@@ -291,13 +284,20 @@ def render_scene(scene: Scene, geometry: Geometry = Geometry()) -> np.ndarray:
     background = np.array(_check_color(scene.background), dtype=np.uint8)
     shape = np.array(_check_color(scene.shape_color), dtype=np.uint8)
     image = np.where(shape_mask(scene.shape, scene.shape_center, size)[..., None], shape, background)
-    rows, cols = (1, scene.mark_length) if scene.dot_orientation == "vertical" else (scene.mark_length, 1)
-    textures = scene.mark_textures or (None, None)
-    for (row, col), color, pattern in zip(scene.dot_patches, scene.dot_colors, textures):
-        if not (0 <= row and row + rows <= geometry.grid and 0 <= col and col + cols <= geometry.grid):
-            raise ValueError(f"mark at patch {(row, col)} is outside the {geometry.grid}x{geometry.grid} patch grid")
-        fill = _check_color(color) if pattern is None else texture(pattern, color, p)
-        image[row * p : (row + rows) * p, col * p : (col + cols) * p] = fill
+    colors = iter(scene.square_colors)
+    for index, (row, col) in enumerate(scene.block_patches()):
+        if not (0 <= row < geometry.grid and 0 <= col < geometry.grid):
+            raise ValueError(f"block square at patch {(row, col)} is outside the {geometry.grid}x{geometry.grid} grid")
+        y, x = row * p, col * p
+        if index == scene.framed_index:
+            frame, interior = FRAMED_FRAME, FRAMED_INTERIOR
+        else:
+            color = next(colors)
+            if color not in BLOCK_COLORS:
+                raise ValueError(f"block colour {color!r} is not one of {BLOCK_COLORS}")
+            frame, interior = PLAIN_FRAME, PALETTE[color]
+        image[y : y + p, x : x + p] = frame
+        image[y + 1 : y + p - 1, x + 1 : x + p - 1] = interior
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
         if not (0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size) or x2 - x1 != y2 - y1:
@@ -307,47 +307,35 @@ def render_scene(scene: Scene, geometry: Geometry = Geometry()) -> np.ndarray:
 
 
 def ask(scene: Scene, question_type: str, rng: np.random.Generator, subtypes=None) -> tuple[str, str, str]:
-    """One question about the scene: (subtype, question, answer); `subtypes` restricts the coarse ones asked."""
+    """One question about the scene: (subtype, question, answer); `subtypes` restricts the subtypes asked."""
+    if question_type not in QUESTION_TYPES:
+        raise ValueError(f"unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}")
+    allowed = [t for t in SUBTYPES[question_type] if subtypes is None or t in subtypes]
+    subtype = allowed[rng.integers(len(allowed))]
     if question_type == "coarse":
-        allowed = [t for t in SUBTYPES["coarse"] if subtypes is None or t in subtypes]
-        subtype = allowed[rng.integers(len(allowed))]
         if subtype == "background_color":
             return subtype, "What color is the background?", scene.background
         if subtype == "shape_color":
             return subtype, "What color is the big shape?", scene.shape_color
         return subtype, "What kind of shape is the big shape?", scene.shape
     if question_type == "fine":
-        vertical = scene.dot_orientation == "vertical"
-        first, second = scene.dot_colors
-        if rng.integers(2) == 0:
-            subtype = "dot_order_" + scene.dot_orientation
-            named_first = rng.integers(2) == 0  # which dot the question names first
-            x, y = (first, second) if named_first else (second, first)
-            before, after = ("above", "below") if vertical else ("left", "right")
-            relation = "above or below" if vertical else "left or right of"
-            mark = scene.mark_word
-            return subtype, f"Is the {x} {mark} {relation} the {y} {mark}?", before if named_first else after
-        subtype = "dot_color_" + scene.dot_orientation
-        which = int(rng.integers(2))
-        word = (("upper", "lower") if vertical else ("left", "right"))[which]
-        return subtype, f"What color is the {word} {scene.mark_word}?", scene.dot_colors[which]
-    if question_type == "object":
-        obj = scene.objects[rng.integers(len(scene.objects))]
-        if rng.integers(2) == 0:
-            return "object_pattern", f"What pattern does the {obj.color} object have?", obj.pattern
-        phrase = _PATTERN_PHRASE[obj.pattern]
-        return "object_color", f"What color is {phrase}?", obj.color
-    raise ValueError(f"unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}")
+        return subtype, FINE_QUESTION, scene.left_of_framed
+    if not scene.objects:
+        raise ValueError("ask: an object question about a scene without objects")
+    obj = scene.objects[rng.integers(len(scene.objects))]
+    alone = len(scene.objects) == 1  # "the object" names it; with several, its colour or pattern does
+    if subtype == "object_pattern":
+        name = "the object" if alone else f"the {obj.color} object"
+        return subtype, f"What pattern does {name} have?", obj.pattern
+    return subtype, f"What color is {'the object' if alone else _PATTERN_PHRASE[obj.pattern]}?", obj.color
 
 
 def caption(scene: Scene) -> str:
     """Short stage-1 caption naming everything in the image."""
-    first, second = scene.dot_colors
-    relation = "above" if scene.dot_orientation == "vertical" else "left of"
     objects = ", ".join(f"{o.color} {o.pattern}" for o in scene.objects)
     return (
         f"A {scene.shape_color} {scene.shape} on a {scene.background} background. "
-        f"A {first} {scene.mark_word} is {relation} a {second} {scene.mark_word}. Objects: {objects}."
+        f"The square left of the framed square is {scene.left_of_framed}." + (f" Objects: {objects}." if objects else "")
     )
 
 
@@ -358,7 +346,7 @@ def question_prompt(question: str) -> str:
 
 def answer_vocabulary() -> list[str]:
     """Every possible answer (one word each), sorted."""
-    return sorted(set(PALETTE) | set(SHAPES) | set(PATTERNS) | set(DIRECTIONS))
+    return sorted(set(PALETTE) | set(SHAPES) | set(PATTERNS))
 
 
 def words_of(text: str) -> list[str]:
@@ -368,18 +356,19 @@ def words_of(text: str) -> list[str]:
 
 def all_words() -> list[str]:
     """Every word that can appear in a question, answer, caption or instruction, sorted."""
-    colors, texts = list(PALETTE), [QUESTION_SUFFIX, CAPTION_INSTRUCTION]
-    texts += [
+    texts = [
+        QUESTION_SUFFIX,
+        CAPTION_INSTRUCTION,
+        FINE_QUESTION,
         "What color is the background?",
         "What color is the big shape?",
         "What kind of shape is the big shape?",
-        "Is the dot above or below the dot? Is the dot left or right of the dot? bar",
-        "What color is the upper lower left right dot?",
         "What pattern does the object have?",
-        "A on a background. A dot is above left of a dot. Objects: , .",
+        "What color is the object?",
+        "A on a background. The square left of the framed square is. Objects: , .",
+        *(f"What color is {phrase}?" for phrase in _PATTERN_PHRASE.values()),
     ]
-    texts += [f"What color is {phrase}?" for phrase in _PATTERN_PHRASE.values()]
-    words = set(colors) | set(answer_vocabulary())
+    words = set(answer_vocabulary())
     for text in texts:
         words.update(words_of(text))
     return sorted(words)
@@ -406,12 +395,10 @@ def generate_dataset(
     tile_size: int = 96,
     patch_size: int = 8,
     question_mix: dict[str, float] | None = None,
-    fixed_dots: bool = False,
-    coarse_subtypes: tuple[str, ...] | None = None,
-    bars: bool = False,
-    textured_dots: bool = False,
+    subtypes: dict[str, tuple[str, ...]] | None = None,
     train_turns: int = 1,
     num_router: int = 0,
+    num_objects: int = NUM_OBJECTS,
 ) -> dict[str, str]:
     """Write the benchmark under `out_dir` and return the paths of what was written.
 
@@ -420,11 +407,12 @@ def generate_dataset(
     as `num_train` unless `num_pretrain` is given), `boxes.json` (every record's object boxes, MG-LLaVA format),
     `images/<split>/<id>.png` (paths in the records are relative to `out_dir`) and `dataset_info.json` (the arguments;
     written last). If `dataset_info.json` already records the same arguments and every file exists, nothing is
-    regenerated (resumable demo runs). `fixed_dots`, `bars`, `textured_dots` (see `sample_scene`) and `coarse_subtypes` (a subset of
-    SUBTYPES["coarse"]) tune the difficulty. `train_turns` > 1 asks that many different questions per training image
-    (a multi-turn conversation: more supervised answers per pass over the visual tokens); `router.json` holds
+    regenerated (resumable demo runs). `subtypes` ({question type: subset of SUBTYPES[type]}) restricts the questions
+    asked of a type. `train_turns` > 1 asks up to that many different questions per training image (a multi-turn
+    conversation: more supervised answers per pass over the visual tokens; never the same question twice, which the
+    model could answer by copying its earlier answer, so fewer turns when the mix has fewer questions); `router.json` holds
     `num_router` single-question training samples, for training that needs one instruction per image (the AVG
-    router).
+    router). `num_objects` (0-3) objects per image: 0 leaves them out (no object questions, empty box records).
     """
     geometry = Geometry(tile_size, patch_size)
     num_pretrain = num_train if num_pretrain is None else num_pretrain
@@ -439,11 +427,17 @@ def generate_dataset(
         raise ValueError(
             f"generate_dataset: question_mix must map {QUESTION_TYPES} to weights >= 0 (not all 0), got {mix}"
         )
+    if not isinstance(num_objects, int) or isinstance(num_objects, bool) or not 0 <= num_objects <= len(PATTERNS):
+        raise ValueError(f"generate_dataset: num_objects must be an int from 0 to {len(PATTERNS)}, got {num_objects!r}")
+    if num_objects == 0 and mix.get("object", 0) > 0:
+        raise ValueError("generate_dataset: question_mix asks object questions but num_objects is 0")
     if not isinstance(train_turns, int) or isinstance(train_turns, bool) or train_turns < 1:
         raise ValueError(f"generate_dataset: train_turns must be an int >= 1, got {train_turns!r}")
-    if coarse_subtypes is not None and (not coarse_subtypes or set(coarse_subtypes) - set(SUBTYPES["coarse"])):
-        raise ValueError(f"generate_dataset: coarse_subtypes must be a non-empty subset of {SUBTYPES['coarse']}, "
-                         f"got {coarse_subtypes!r}")
+    subtypes = {kind: tuple(names) for kind, names in (subtypes or {}).items()}
+    for kind, names in subtypes.items():
+        if kind not in SUBTYPES or not names or set(names) - set(SUBTYPES[kind]):
+            raise ValueError(f"generate_dataset: subtypes must map a question type of {QUESTION_TYPES} to a non-empty "
+                             f"subset of its SUBTYPES, got {kind!r}: {names!r}")
     types = [t for t in QUESTION_TYPES if mix.get(t, 0) > 0]
     weights = np.array([mix[t] for t in types], dtype=np.float64)
     weights /= weights.sum()
@@ -456,8 +450,8 @@ def generate_dataset(
         "generator": "multigran.data.synthetic",
         "format_version": FORMAT_VERSION,
         "arguments": dict(counts=counts, seed=seed, tile_size=tile_size, patch_size=patch_size, question_mix=mix,
-                          fixed_dots=fixed_dots, bars=bars, textured_dots=textured_dots, train_turns=train_turns,
-                          coarse_subtypes=None if coarse_subtypes is None else list(coarse_subtypes)),
+                          train_turns=train_turns, num_objects=num_objects,
+                          subtypes={kind: list(names) for kind, names in sorted(subtypes.items())}),
         "image_size": geometry.image_size,
         "patch_grid": geometry.grid,
         "cells": geometry.cells,
@@ -474,7 +468,7 @@ def generate_dataset(
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, split_index, i])
             while True:  # redraw the (astronomically rare) image already used anywhere
-                scene = sample_scene(rng, geometry, fixed_dots, bars, textured_dots)
+                scene = sample_scene(rng, geometry, num_objects)
                 image = render_scene(scene, geometry)
                 digest = _hash(image)
                 if digest not in seen:
@@ -490,9 +484,11 @@ def generate_dataset(
                 for _ in range(train_turns if split == "train" else 1):
                     for _attempt in range(20):  # a different question each turn
                         kind = types[rng.choice(len(types), p=weights)]
-                        subtype, question, answer = ask(scene, kind, rng, coarse_subtypes)
+                        subtype, question, answer = ask(scene, kind, rng, subtypes.get(kind))
                         if all(question_prompt(question) != q for q, _ in turns):
                             break
+                    else:  # the mix asks no other question about this image
+                        break
                     turns.append((question_prompt(question), answer))
                     kinds.append((kind, subtype))
                 qtype, subtype = kinds[0] if len(kinds) == 1 else ("multi", "multi")

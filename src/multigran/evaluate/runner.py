@@ -82,6 +82,8 @@ def evaluate_records(model, processor, records, image_folder, *, where="records"
         for row, (record, answer, text) in enumerate(zip(batch, answers, texts)):
             entry = {"id": record.get("id"), "question_type": record.get("question_type", "all"),
                      "answer": answer, "prediction": text.strip(), "correct": exact_match(text, answer)}
+            if "question_subtype" in record:
+                entry["question_subtype"] = record["question_subtype"]
             if images[row] is not None:
                 info = report[image_index] if image_index < len(report) else {"visual_tokens": placeholder[row]}
                 entry["visual_tokens"] = info["visual_tokens"]
@@ -128,6 +130,11 @@ def summarize(predictions, prefill_seconds=None) -> dict:
         "mean_visual_tokens": statistics.mean(with_tokens) if with_tokens else 0.0,
         "prefill_seconds": prefill_seconds,
     }
+    subtypes = sorted({p["question_subtype"] for p in predictions if "question_subtype" in p})
+    if subtypes:
+        summary["accuracy_by_subtype"] = {
+            s: accuracy([p for p in predictions if p.get("question_subtype") == s]) for s in subtypes
+        }
     if any("granularity" in p for p in predictions):
         summary["granularity_by_type"] = {
             t: _counts([p["granularity"] for p in predictions if p["question_type"] == t and "granularity" in p])

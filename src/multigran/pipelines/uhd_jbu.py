@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multigran.ops.adaptive_conv import adaptive_conv
+from multigran.ops.adaptive_conv import adaptive_conv, window_dot
 from multigran.vision.varres import encode_variable_resolution
 
 # Release / FeatUp defaults (featup/upsamplers.py, configs/jbu_upsampler.yaml, train_jbu_upsampler.py).
@@ -69,18 +69,8 @@ class JBULearnedRange(nn.Module):
 
         The dot products and the softmax run in at least float32 (cheap: 32 channels), so bf16 models stay stable.
         """
-        height, width = guidance.shape[2:]
         keys = self.range_proj(guidance)  # (B, 32, H, W)
-        keys = keys.to(torch.promote_types(keys.dtype, torch.float32))
-        padded = F.pad(keys, [self.radius] * 4, mode="reflect")
-        logits = torch.stack(
-            [
-                (padded[:, :, i : i + height, j : j + width] * keys).sum(1)  # <P[p+q], P[p]>: (B, H, W)
-                for i in range(self.diameter)
-                for j in range(self.diameter)
-            ],
-            dim=1,
-        )  # (B, 49, H, W), window index q = i * 7 + j
+        logits = window_dot(keys, self.radius, padding="reflect")  # <P[p+q], P[p]>: (B, 49, H, W), q = i * 7 + j
         temperature = self.range_temp.exp().clamp(*RANGE_TEMP_CLAMP)
         return F.softmax(temperature * logits, dim=1)
 

@@ -18,14 +18,12 @@ STAGE_RUNNERS = {
 
 
 def recipe_stage(path) -> str | None:
-    """The `stage:` of a recipe file (None for Trainer recipes)."""
-    from .recipe import load_yaml
+    """The `stage:` of a recipe file or shipped recipe name (None for Trainer recipes)."""
+    from .recipe import load_yaml, resolve_recipe
 
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(resolve_recipe(path), encoding="utf-8") as handle:
             tree = load_yaml(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"recipe {str(path)!r} does not exist") from None
     except Exception as error:  # a YAML error: reported by the recipe loader with its message
         raise ValueError(f"recipe {path}: not valid YAML: {error}") from None
     return tree.get("stage") if isinstance(tree, dict) else None

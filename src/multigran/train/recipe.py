@@ -240,18 +240,25 @@ def recipe_from_dict(tree: dict, source: str | None = None) -> Recipe:
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+def resolve_recipe(path) -> str:
+    """A recipe file's path: `path` itself when it exists, else the recipe shipped with the package under that name
+    (`anyres/stage2_finetune.yaml`, also written `recipes/anyres/stage2_finetune.yaml`)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    shipped = SHIPPED_RECIPES / path.removeprefix("recipes/")
+    if not shipped.is_file():
+        names = sorted(str(p.relative_to(SHIPPED_RECIPES)) for p in SHIPPED_RECIPES.rglob("*.yaml"))
+        raise FileNotFoundError(f"recipe {path!r} does not exist (shipped recipes: {', '.join(names)})")
+    return str(shipped)
+
+
 def load_recipe(path, overrides=()) -> Recipe:
     """Reads a recipe YAML, applies `key.sub=value` overrides, validates it (unknown keys are errors).
 
     `path` is a file, or the name of a recipe shipped with the package (`anyres/stage2_finetune.yaml`, also written
     `recipes/anyres/stage2_finetune.yaml`), so installed copies work outside the repository too."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        shipped = SHIPPED_RECIPES / path.removeprefix("recipes/")
-        if not shipped.is_file():
-            names = sorted(str(p.relative_to(SHIPPED_RECIPES)) for p in SHIPPED_RECIPES.rglob("*.yaml"))
-            raise FileNotFoundError(f"recipe {path!r} does not exist (shipped recipes: {', '.join(names)})")
-        path = str(shipped)
+    path = resolve_recipe(path)
     with open(path, encoding="utf-8") as handle:
         try:
             tree = load_yaml(handle)
@@ -265,5 +272,5 @@ def load_recipe(path, overrides=()) -> Recipe:
     return recipe_from_dict(tree, path)
 
 
-__all__ = ["Recipe", "DataSettings", "LossSettings", "LoraSettings", "load_recipe", "recipe_from_dict",
+__all__ = ["Recipe", "DataSettings", "LossSettings", "LoraSettings", "load_recipe", "resolve_recipe", "recipe_from_dict",
            "apply_override", "parse_override"]

@@ -105,9 +105,9 @@ class JbuRecipe:
 
 
 def _read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    from .recipe import resolve_recipe
+
+    path = Path(resolve_recipe(path))  # a file, or a recipe shipped with the package by name
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
