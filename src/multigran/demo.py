@@ -358,10 +358,15 @@ def write_training_boxes(data) -> str:
 TOKEN_COST = 1.0
 
 
+def fixed_levels(evaluation) -> list[int]:
+    """Visual tokens per crop of the fixed-granularity AVG-LLaVA rows ("avg@36", ...), coarsest first."""
+    return sorted(int(name.split("@")[1]) for name in evaluation if name.startswith("avg@") and name != "avg@auto")
+
+
 def check_targets(evaluation) -> dict:
     """The issue's targets, measured on the test splits: AVG-LLaVA's (default run) and MG-LLaVA's (with mg)."""
     targets = {}
-    levels = sorted(int(k.split("@")[1]) for k in evaluation if k.startswith("avg@") and k != "avg@auto")
+    levels = fixed_levels(evaluation)
     if levels and "avg@auto" in evaluation:
         finest, coarsest = evaluation[f"avg@{levels[-1]}"], evaluation[f"avg@{levels[0]}"]
         router = evaluation["avg@auto"]
@@ -393,9 +398,8 @@ def check_targets(evaluation) -> dict:
 
 def router_levels(evaluation) -> list[int]:
     """Every level the router could pick (the fixed-granularity rows), so that a level it never picks shows as 0."""
-    fixed = {int(name.split("@")[1]) for name in evaluation if name.startswith("avg@") and name != "avg@auto"}
     chosen = {int(k) for counts in evaluation["avg@auto"]["granularity_by_type"].values() for k in counts}
-    return sorted(fixed | chosen)
+    return sorted(set(fixed_levels(evaluation)) | chosen)
 
 
 def _reused_note(stages: dict) -> str:
@@ -483,7 +487,7 @@ def plot(out: Path, evaluation: dict, types):
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    fixed = sorted((n for n in names if n.startswith("avg@") and n != "avg@auto"), key=lambda n: int(n.split("@")[1]))
+    fixed = [f"avg@{level}" for level in fixed_levels(evaluation)]
     for kind in [None, *types]:
         def value(name):
             summary = evaluation[name]
