@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from .loading import load_model, load_processor
+
 COMMANDS = {}
 
 
@@ -18,48 +20,6 @@ def command(name, help_text):
         return function
 
     return register
-
-
-def resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but CUDA is not available on this machine")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, getattr(torch, dtype)
-
-
-def check_model_dir(path):
-    from pathlib import Path
-
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"{path} is not a model directory (no config.json); create one with `multigran init-tiny` "
-                         "or `multigran convert`")
-
-
-def load_processor(path):
-    from transformers import AutoProcessor
-
-    import multigran  # noqa: F401  (registers the Auto classes)
-
-    check_model_dir(path)
-    return AutoProcessor.from_pretrained(path)
-
-
-def load_model(path, device="auto", dtype="auto"):
-    """Loads a saved multigran model onto a device, in a dtype ("auto": bf16 on CUDA, fp32 on CPU)."""
-    from transformers import AutoModelForImageTextToText
-    from transformers.utils import logging as hf_logging
-
-    import multigran  # noqa: F401
-
-    check_model_dir(path)
-    device, torch_dtype = resolve_device_dtype(device, dtype)
-    hf_logging.disable_progress_bar()  # keep stderr for our messages and stdout for the answer
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(device).eval()
 
 
 def build_prompt(processor, text: str, n_images: int) -> str:
@@ -305,7 +265,10 @@ ARGUMENTS["merge-lora"] = add_merge_lora_arguments
 
 
 def build_parser():
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="multigran", description="Multi-granularity vision-language models.")
+    parser.add_argument("--version", action="version", version=f"multigran {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (function, help_text) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text)

@@ -192,7 +192,7 @@ def common_overrides(data, scale: Scale, steps: int, path=None, lr=None, parts=(
 
 
 def evaluate_setting(model_dir, data, scale, processor_options=None, generate_options=None, boxes=None, progress=True):
-    from .cli import load_model, load_processor
+    from .loading import load_model, load_processor
     from .evaluate.runner import evaluate_records, load_question_file
 
     model = load_model(model_dir, "auto", "float32")

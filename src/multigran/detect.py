@@ -199,7 +199,10 @@ def load_detector(model_dir, device: str = "auto", dtype: str = "float32"):
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
     from transformers.utils import logging as hf_logging
 
-    from .cli import resolve_device_dtype  # imported here: cli imports this module
+    from .extras import require
+    from .loading import resolve_device_dtype
+
+    require("scipy", "detect")  # transformers' OWLv2 post-processing needs it
 
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
