@@ -10,6 +10,8 @@ export PATH="$bin:$PATH"
 test "$(command -v multigran)" = "$bin/multigran"
 
 multigran --version
+python -c "from importlib.resources import files; assert (files('multigran') / 'py.typed').is_file(), 'py.typed not shipped'"
+python -c "from importlib.resources import files; assert (files('multigran') / 'recipes/avg/stage4_rglf.yaml').is_file()"
 multigran init-tiny tiny-avg --method avg
 python - <<'PY'
 import json

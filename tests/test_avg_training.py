@@ -45,7 +45,8 @@ def test_stage3_loss_is_the_mean_of_fixed_granularity_losses(setup):
         fixed = [batch_at(processor, images, g) for g in model.visual.level_tokens]
         reference = [model(**inputs).loss for inputs in fixed]
     torch.testing.assert_close(loss.detach(), torch.stack(reference).mean(), rtol=1e-5, atol=1e-6)
-    assert set(metrics) == {"visual_tokens", *(f"loss_g{g}" for g in model.visual.level_tokens)}
+    assert set(metrics) == {"visual_tokens", "truncated_sequences", *(f"loss_g{g}" for g in model.visual.level_tokens)}
+    assert metrics["truncated_sequences"] == 0
     # The throughput metric counts what the LM read at every level, not the one placeholder per image of "auto".
     assert metrics["visual_tokens"] == sum(int((f["input_ids"] == processor.image_token_id).sum()) for f in fixed)
     loss.backward()
@@ -102,9 +103,9 @@ def test_token_cost_ranks_near_ties_by_visual_tokens(setup, monkeypatch):
     batch = dict(batch_at(processor, images, "auto"))
     levels = len(model.visual.level_tokens)
 
-    def flat_nll(model, batch, crops):
+    def flat_nll(model, batch, crops, max_length=None):
         tokens = torch.tensor([[10.0 * (i + 1) for i in range(levels)]] * 2)
-        return torch.ones(2, levels), tokens
+        return torch.ones(2, levels), tokens, 0
 
     monkeypatch.setattr(avg_training, "granularity_nll", flat_nll)
     captured = {}

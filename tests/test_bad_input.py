@@ -142,3 +142,139 @@ def test_cli_reports_bad_input_and_exits_non_zero(tiny_model_dir, tmp_path, caps
     assert code == 2 and error.startswith("multigran: error: image file") and "decompression-bomb guard" in error
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert "is not a model directory" in capsys.readouterr().err
+
+
+def exif_jpeg(path, orientation):
+    """A 60x30 JPEG, red left half and blue right half, with an EXIF Orientation tag."""
+    pixels = np.zeros((30, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, 30:] = (0, 0, 255)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, format="JPEG", exif=exif.tobytes(), quality=95)
+    return pixels
+
+
+def test_exif_orientation_is_applied_as_transformers_does(tmp_path):
+    from transformers.image_utils import load_image as hf_load_image
+
+    path = tmp_path / "rotated.jpg"
+    pixels = exif_jpeg(path, orientation=6)  # 6: the camera was turned 90 degrees: rotate 90 clockwise to view
+    ours = np.asarray(load_image(path)).astype(int)
+    assert ours.shape == (60, 30, 3)
+    assert np.abs(ours - np.asarray(hf_load_image(str(path))).astype(int)).max() <= 1
+    upright = np.rot90(pixels, k=-1)  # clockwise: the red left half is now on top
+    assert np.abs(ours[5:25] - upright[5:25]).max() < 40 and np.abs(ours[35:55] - upright[35:55]).max() < 40
+    assert load_image(path.read_bytes()).size == (30, 60)
+    plain = tmp_path / "plain.jpg"
+    exif_jpeg(plain, orientation=1)
+    assert load_image(plain).size == (60, 30)
+
+
+def test_processor_text_and_granularity_are_validated(processor, tmp_path):
+    from multigran.tiny import build_tiny
+
+    image = Image.new("RGB", (32, 32))
+    for text in ([1, 2, 3], 123, [], [None]):
+        with pytest.raises(TypeError, match="text must be a prompt string or a non-empty list of them"):
+            processor(images=image, text=text)
+    _, avg = build_tiny(method="avg")
+    levels = "\\[4, 8, 16, 32, 64\\]"
+    for value in (0, -1, "abc", 1.5, True, "16.5", float("nan")):
+        with pytest.raises(ValueError, match=f"granularity {value!r} is not one of this model's levels {levels}"):
+            avg(images=image, text=PROMPT, granularity=value)
+    assert avg(images=image, text=PROMPT, granularity="16")["image_granularity"].tolist() == [16]
+    assert avg(images=image, text=PROMPT, granularity=16.0)["image_granularity"].tolist() == [16]
+    with pytest.raises(ValueError, match="max_pixels must be a positive int"):
+        type(processor.image_processor)(max_pixels=0)
+
+
+def test_router_knobs_are_validated():
+    from multigran.pipelines.avg import choose_granularity
+
+    logits, levels, counts = torch.zeros(3), [36, 144, 576], [100, 400, 1600]
+    for bias in (float("nan"), float("inf"), "abc", None):
+        with pytest.raises(ValueError, match="granularity_bias must be a finite number"):
+            choose_granularity(logits, levels, granularity_bias=bias, token_counts=counts)
+    for budget in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_visual_tokens must be a positive int"):
+            choose_granularity(logits, levels, max_visual_tokens=budget, token_counts=counts)
+    assert choose_granularity(logits, levels, max_visual_tokens=400, token_counts=counts)[1] in (36, 144)
+
+
+def test_recipe_values_are_range_checked():
+    from multigran.train.recipe import load_recipe
+
+    name = "anyres/stage2_finetune.yaml"
+    for override, message in [
+            ("training.max_steps=-1", r"training.max_steps must be an integer >= 1, got -1"),
+            ("training.max_steps=0", r"training.max_steps must be an integer >= 1, got 0"),
+            ("training.per_device_train_batch_size=0", "per_device_train_batch_size must be an integer >= 1"),
+            ("training.gradient_accumulation_steps=1.5", "gradient_accumulation_steps must be an integer"),
+            ("training.num_train_epochs=.nan", r"num_train_epochs must be a finite number > 0"),
+            ("training.learning_rate=-1", "learning_rate must be a finite number > 0"),
+            ("trainable.language_model=.nan", r"trainable\['language_model'\] must be a positive learning rate"),
+            ("trainable.language_model=0", r"trainable\['language_model'\] must be a positive learning rate"),
+            ("data.max_length=0", "data.max_length must be an integer >= 1"),
+            ("data.template=bogus", "data.template 'bogus' is not one of"),
+            ("lora.r=0", "lora.r must be an integer >= 1"),
+            ("training.deepspeed=zero9.json", "training.deepspeed 'zero9.json' does not exist"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_recipe(name, [override])
+    assert load_recipe(name, ["training.max_steps=5"]).training["max_steps"] == 5
+
+
+def test_recipes_run_without_deepspeed_by_default_and_name_it_when_asked(tmp_path, monkeypatch):
+    import importlib.util
+
+    from multigran.train.recipe import SHIPPED_RECIPES, check_engine_installed, load_recipe
+
+    for path in sorted(SHIPPED_RECIPES.rglob("*.yaml")):
+        if path.parent.name in ("fsdp",) or "stage:" in path.read_text():
+            continue
+        recipe = load_recipe(str(path))
+        assert not recipe.training.get("deepspeed"), f"{path} defaults to DeepSpeed"
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the name resolves to the config shipped in the package
+    recipe = load_recipe("uhd/stage1_pretrain.yaml", ["training.deepspeed=recipes/deepspeed/zero2.json"])
+    assert recipe.training["deepspeed"] == str(SHIPPED_RECIPES / "deepspeed" / "zero2.json")  # the shipped config
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ValueError, match=r"training.deepspeed is set .* pip install 'multigran\[deepspeed\]'"):
+            check_engine_installed(recipe)
+    else:
+        check_engine_installed(recipe)
+
+
+def test_recipe_default_paths_say_which_key_to_set(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the shipped recipes' data paths are relative examples: absent here
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    for overrides, message in [
+            ([], "model 'checkpoints/mg-init' is not a multigran model directory (no config.json): set model=DIR"),
+            ([f"model={tiny_model_dir}"], "training data 'data/mg_llava/pretrain.json' does not exist: set data.path"),
+            ([f"model={tiny_model_dir}", f"data.path={data}", f"data.image_folder={tmp_path}"],
+             "data.box_file 'data/mg_llava/pretrain_boxes.json' does not exist: set data.box_file=PATH"),
+    ]:
+        assert main(["train", "--recipe", "mg/stage1_pretrain.yaml", *overrides]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_cli_options_and_settings_name_the_option(tiny_model_dir, tmp_path, capsys):
+    for argv, message in [
+            (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--granularity", "abc"], "--granularity"),
+            (["switch-method", str(tiny_model_dir), str(tmp_path / "a"), "--to", "avg", "--settings", '{"x": '],
+             "--settings '{\"x\": ': not valid JSON (line 1, column 7"),
+            (["switch-method", str(tiny_model_dir), str(tmp_path / "b"), "--to", "avg", "--settings", "[1]"],
+             "--settings: expected a JSON object"),
+            (["switch-method", str(tiny_model_dir), str(tmp_path / "c"), "--to", "avg", "--settings",
+              '{"granularity_bias": NaN}'], "NaN is not a number JSON allows here"),
+            (["switch-method", str(tiny_model_dir), str(tmp_path / "d"), "--to", "bogus"], "--to 'bogus'"),
+            (["init-tiny", str(tmp_path / "e"), "--method", "bogus"], "--method 'bogus'"),
+            (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "x"],
+             "argument --max-new-tokens"),
+    ]:
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith("multigran: error: ") and message in error, error
+    assert not any(p.name in "abcde" for p in tmp_path.iterdir())

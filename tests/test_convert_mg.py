@@ -147,6 +147,10 @@ def test_every_tensor_lands_where_it_should(tmp_path, originals, layout):
     assert settings["convnext_config"]["hidden_sizes"] == TINY_DIMS
     assert settings["convnext_config"]["depths"] == TINY_DEPTHS
     assert settings["high_res"] == (16 // 4) * 32  # CLIP grid x ConvNeXt stride (768 for the release)
+    # Release parity: compat on, the release's text budget max_length = 2048 - grid^2 (1472 at 336 / 14).
+    assert settings["compat"] is True and settings["text_max_length"] == 2048 - (16 // 4) ** 2
+    processor_settings = json.loads((dst / "processor_config.json").read_text())["image_processor"]["method_settings"]
+    assert processor_settings == settings
 
 
 def test_converted_model_loads_and_runs(tmp_path, originals):

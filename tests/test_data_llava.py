@@ -293,3 +293,85 @@ def test_collated_batch_gives_the_same_logits_as_single_samples(tiny, tmp_path, 
 
     left = MultiGranCollator.from_tokenizer(processor.tokenizer, padding_side="left")(samples)
     assert left["attention_mask"][1, -lengths[1]:].all() and not left["attention_mask"][1, 0]
+
+
+def test_jsonl_line_numbers_count_every_line(tiny, tmp_path, images):
+    """Blank lines count: a bad line 5 is reported as line 5 (as editors and `wc -l` number it)."""
+    _, processor = tiny
+    good = json.dumps({"id": "ok", "image": "red.png", "conversations": turns()})
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(("\n".join([good, "", good, "\r", "[1, 2]", good]) + "\n").encode()
+                     + b'{"id": "caf\xe9", "conversations": []}\n')
+    dataset = LlavaDataset(str(path), processor, image_folder=str(images))
+    assert [r.line for r in dataset.records] == [1, 3, 6]
+    wheres = {r.where: r.reason for r in dataset.bad_records}
+    assert wheres[f"{path}, line 5, record id '#2'"] == "a record must be a JSON object, got list"
+    assert wheres[f"{path}, line 7"] == "not UTF-8 text (byte 0xe9 at column 12)"
+    with pytest.raises(BadRecordError, match=r"data.jsonl, line 7: not UTF-8 text"):  # read first, so reported first
+        LlavaDataset(str(path), processor, image_folder=str(images), on_bad_record="error")
+    path.write_bytes(path.read_bytes().replace(b"caf\xe9", b"cafe"))
+    with pytest.raises(BadRecordError, match=r"data.jsonl, line 5, record id '#2': a record must be a JSON object"):
+        LlavaDataset(str(path), processor, image_folder=str(images), on_bad_record="error")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"id": "a", "image": 3, "conversations": turns()}, "field 'image' must be a path or a list of paths, got int 3"),
+    ({"id": "a", "image": [1, 2], "conversations": turns()}, "field 'image' must be a path or a list of paths, got list"),
+    ({"id": "a", "conversations": "hello"}, "field 'conversations' must be a list of turns, got str"),
+    ({"id": "a", "conversations": {"from": "human"}}, "field 'conversations' must be a list of turns, got dict"),
+    ({"id": "a", "conversations": [{"from": "human"}]}, "turn 0 has no field 'value'"),
+    ({"id": "a", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]},
+     "turn 0 has a int value \\(field 'value'\\)"),
+    ({"id": ["a"], "conversations": turns("Hi.", "Hi.")}, "field 'id' must be a string or an integer, got list"),
+    ({"id": "a", "text": "no conversations"}, "the record has no field 'conversations'"),
+])
+def test_record_fields_are_named(tiny, tmp_path, images, record, message):
+    _, processor = tiny
+    path = write_json(tmp_path / "data.json", [{"id": "fine", "conversations": turns("Hi.", "Hi.")}, record])
+    with pytest.raises(BadRecordError, match=f"data.json, record id .*: {message}"):
+        LlavaDataset(path, processor, image_folder=str(images), on_bad_record="error")
+
+
+def test_undecodable_and_deeply_nested_files_are_named(tiny, tmp_path):
+    _, processor = tiny
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"latin1.json: not UTF-8 text \(byte 0xe9 at line 2"):
+        LlavaDataset(str(path), processor)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="deep.json: JSON nested more than 100 levels deep"):
+        LlavaDataset(str(deep), processor)
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text(json.dumps({"id": 1, "conversations": turns("Hi.", "Hi.")}) + "\n" + "[" * 5000 + "]" * 5000)
+    with pytest.raises(BadRecordError, match="deep.jsonl, line 2: JSON nested more than 100 levels deep"):
+        LlavaDataset(str(lines), processor, on_bad_record="error")
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("datasets:\n  - json_path: 3\n")
+    with pytest.raises(ValueError, match=r"mix.yaml, datasets\[0\]: json_path must be a string, got int"):
+        LlavaDataset(str(mixture), processor)
+
+
+def test_undecodable_caption_is_a_bad_record(tiny, tmp_path):
+    _, processor = tiny
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (32, 32)).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("A black square.")
+    (folder / "b.txt").write_bytes(b"caf\xe9")
+    dataset = LlavaDataset(str(folder), processor, template="plain")
+    assert [r.data["id"] for r in dataset.records] == ["a.png"]
+    assert "b.txt: not UTF-8 text" in dataset.bad_records[0].reason
+
+
+def test_dataset_options_are_validated(tiny, tmp_path):
+    _, processor = tiny
+    path = write_json(tmp_path / "data.json", [{"id": "fine", "conversations": turns("Hi.", "Hi.")}])
+    for options, message in [({"template": "bogus"}, "unknown conversation template 'bogus'"),
+                             ({"max_length": 0}, "data.max_length must be a positive int"),
+                             ({"max_length": 2.5}, "data.max_length must be a positive int"),
+                             ({"image_options": [1]}, "data.image_options must be a mapping"),
+                             ({"box_file": str(tmp_path / "none.json")}, "set data.box_file")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            LlavaDataset(path, processor, **options)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from multigran.cli import main
-from multigran.evaluate.runner import exact_match, load_question_file, summarize
+from multigran.evaluate.runner import exact_match, load_question_file, question_and_answer, summarize
 
 
 def test_exact_match_normalises_case_punctuation_and_spaces():
@@ -33,8 +33,31 @@ def test_summary_by_hand():
 def test_bad_question_file_names_the_place(tmp_path):
     path = tmp_path / "q.json"
     path.write_text('[{"id": 1}\n, oops]')
-    with pytest.raises(ValueError, match=r"q.json: invalid JSON at line 2"):
+    with pytest.raises(ValueError, match=r"q.json: not valid JSON \(line 2"):
         load_question_file(path)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"a": ' * 50000 + "1" + "}" * 50000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl: line 1: JSON nested more than"):
+        load_question_file(deep)
+
+
+def test_list_answers_and_llava_question_files():
+    # a list of reference answers (this crashed with AttributeError before): right if any matches
+    record = {"id": 1, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                         {"from": "gpt", "value": ["Red", "crimson"]}]}
+    question, answers = question_and_answer(record, "q.json")
+    assert answers == ["Red", "crimson"] and exact_match("crimson.", answers) and not exact_match("blue", answers)
+    # LLaVA's evaluation question files: {"question_id", "image", "text"}, an optional answer
+    assert question_and_answer({"question_id": 7, "image": "a.jpg", "text": " Is it red? "}, "q.jsonl") == \
+        ("Is it red?", None)
+    assert question_and_answer({"question_id": 7, "text": "Q", "answer": ["x", "y"]}, "q.jsonl") == ("Q", ["x", "y"])
+    with pytest.raises(ValueError, match=r"q.jsonl: record 7: 'answer' should be a string or a list of strings"):
+        question_and_answer({"question_id": 7, "text": "Q", "answer": 3}, "q.jsonl")
+    with pytest.raises(ValueError, match=r"q.json: record 2 needs 'conversations'"):
+        question_and_answer({"id": 2, "conversations": "oops"}, "q.json")
+    # records without an answer are answered but not scored
+    summary = summarize([{"question_type": "all", "correct": None}, {"question_type": "all", "correct": True}])
+    assert summary["accuracy"] == 100.0
 
 
 def test_eval_command_end_to_end(tmp_path, capsys):
@@ -60,3 +83,6 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert summary["accuracy"] == pytest.approx(100 * sum(line["correct"] for line in lines) / 3)
     assert summary["mean_visual_tokens"] == pytest.approx(sum(line["visual_tokens"] for line in lines) / 3)
     assert summary["prefill_seconds"] > 0
+
+    # written to a temporary file and renamed (never truncated in place): no temporary file is left behind
+    assert not list(tmp_path.glob(".p.jsonl.*"))

@@ -121,3 +121,12 @@ def test_other_language_models_and_towers(tmp_path, tiny_tokenizer, text, vision
         hf_logits = hf_model(**hf_processor(images=image, text=prompt(hf_processor), return_tensors="pt")).logits
         our_logits = ours(**our_processor(images=image, text=prompt(our_processor))).logits
     torch.testing.assert_close(our_logits, hf_logits, atol=1e-5, rtol=0)
+
+
+def test_converted_checkpoint_keeps_transformers_unpad_rounding(pair):
+    # llava-hf checkpoints run with transformers' `int(round(x, 7))` unpad: the converter says so in model and processor
+    # (checkpoints of the original LLaVA code base get "truncate", convert/avg_llava.py).
+    _, _, ours, our_processor = pair
+    assert ours.config.method_settings["unpad_rounding"] == "hf"
+    assert our_processor.image_processor.method_settings["unpad_rounding"] == "hf"
+    assert ours.visual.settings.unpad_rounding == "hf"

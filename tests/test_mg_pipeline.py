@@ -417,6 +417,7 @@ def test_invalid_json_box_file_names_the_file(tiny_mg, tmp_path):
 def test_settings_defaults_and_validation():
     settings = MgSettings()
     assert (settings.high_res, settings.max_boxes, settings.nms_iou, settings.roi_output_size) == (768, 100, 0.2, 56)
+    assert settings.compat is False and settings.text_max_length is None and settings.drop_path_rate == 0.0
     config = settings.hires_config()
     assert list(config.hidden_sizes) == [192, 384, 768, 1536] and list(config.depths) == [3, 3, 27, 3]
     with pytest.raises(ValueError, match=r"unknown method_settings for method 'mg': \['max_box'\]"):

@@ -442,11 +442,3 @@ def test_stage0_recipe_errors(tmp_path):
         run_jbu_recipe(recipe, [f"model={tmp_path / 'uhd'}", f"output_dir={tmp_path / 'out'}",
                                 f"data.path={tmp_path / 'empty'}", "training.device=cpu"])
 
-
-def test_resize_and_center_crop_against_a_direct_computation():
-    from multigran.train.uhd_stage0 import resize_and_center_crop
-
-    image = picture(50, 20, 9)  # shorter side 20 -> 32: 80x32, then the central 32x32 (columns 24..55)
-    out = resize_and_center_crop(image, 32)
-    expected = image.resize((80, 32), Image.Resampling.BILINEAR).crop((24, 0, 56, 32))
-    assert out.size == (32, 32) and np.array_equal(np.asarray(out), np.asarray(expected))

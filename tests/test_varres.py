@@ -142,3 +142,24 @@ def test_bad_input_raises():
         encode_variable_resolution(model, [_image(48, 48, 0)], select_strategy="cls_patch")
     with pytest.raises(TypeError, match="unsupported vision tower"):
         encode_variable_resolution(torch.nn.Linear(2, 2), [_image(48, 48, 0)])
+
+
+def test_float64_tower_interpolates_its_position_table_in_float64():
+    """The table follows the module's dtype (the release resizes in the table's own dtype,
+    llava/model/multimodal_encoder/adapt_clip_vision_model.py:63-72): a float64 tower matches HF's float64 recipe to
+    float64 rounding, which a float32 resize (~1e-7) would not."""
+    model = _clip().double()
+    table = model.embeddings.position_embedding.weight
+    patch = table[1:].T.reshape(1, -1, 6, 6)
+    in64 = F.interpolate(patch, size=(5, 9), mode="bicubic", align_corners=False).reshape(32, 45).T
+    in32 = F.interpolate(patch.float(), size=(5, 9), mode="bicubic", align_corners=False).reshape(32, 45).T.double()
+    ours = interpolate_position_table(table, (5, 9), has_cls=True)
+    assert ours.dtype == torch.float64 and torch.equal(ours[0], table[0])
+    torch.testing.assert_close(ours[1:], in64, rtol=1e-14, atol=1e-14)
+    assert (in32 - in64).abs().max() > 1e-10  # the check can tell the two apart
+
+    image = _image(40, 72, 4).double()  # 5x9 patches
+    with torch.no_grad():
+        encoded = encode_variable_resolution(model, [image])[0]
+        hf = model(image[None], output_hidden_states=True, interpolate_pos_encoding=True).hidden_states[-2][0, 1:]
+    torch.testing.assert_close(encoded.reshape(45, 32), hf, rtol=1e-12, atol=1e-12)

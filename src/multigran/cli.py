@@ -5,11 +5,8 @@ Every command reports bad input as one line on stderr (`multigran: error: ...`) 
 """
 
 import argparse
-import json
 import os
 import sys
-
-from .loading import load_model, load_processor
 
 COMMANDS = {}
 
@@ -30,75 +27,69 @@ def build_prompt(processor, text: str, n_images: int) -> str:
 
 
 def parse_granularity(value: str):
-    return value if value == "auto" else int(value)
+    """--granularity: "auto" or a positive number of tokens per crop (the model's levels are checked by its method)."""
+    if value == "auto":
+        return value
+    try:
+        tokens = int(value)
+    except (TypeError, ValueError):
+        tokens = 0
+    if tokens < 1:
+        raise ValueError(f"--granularity {value!r}: expected 'auto' or a positive number of visual tokens per crop "
+                         "(one of the model's levels, e.g. 36, 144, 576)")
+    return tokens
 
 
-@command("generate", "answer a prompt about one or more images, streaming the answer to stdout")
+def parse_settings(text, option: str = "--settings") -> dict | None:
+    """A JSON object option (method settings) -> dict; errors name the option and the column."""
+    if text is None:
+        return None
+    from .json_io import parse_json
+
+    value = parse_json(text, f"{option} {text[:60]!r}", allow_nan=False)
+    if not isinstance(value, dict):
+        raise ValueError(f"{option}: expected a JSON object such as '{{\"compat\": false}}', got {type(value).__name__}")
+    return value
+
+
+@command("generate", "answer prompts about images (several --prompt or a --requests JSONL), streaming to stdout")
 def generate_command(args):
-    from transformers import TextStreamer
+    from .generate_cli import generate_command as run_generate
 
-    processor = load_processor(args.model)
-    images = args.image or []
-    prompt = build_prompt(processor, args.prompt, len(images))
-    options = {}
-    if args.granularity is not None:
-        options["granularity"] = parse_granularity(args.granularity)
-    if args.boxes is not None:
-        from .pipelines.mg import read_box_argument
-
-        options["boxes"] = read_box_argument(args.boxes, images)  # a box file's records are matched by image stem
-    inputs = processor(images=images or None, text=prompt, **options)  # bad input fails before the model loads
-    model = load_model(args.model, args.device, args.dtype)
-    inputs = inputs.to(model.device)
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    method_options = {}
-    if args.max_visual_tokens is not None:
-        method_options["max_visual_tokens"] = args.max_visual_tokens
-    if args.granularity_bias is not None:
-        method_options["granularity_bias"] = args.granularity_bias
-    output = model.generate(
-        **inputs, **method_options, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else None, streamer=streamer,
-        return_dict_in_generate=True,
-    )
-    report = getattr(output, "visual_report", None)
-    if args.report and report:
-        print(json.dumps(report), file=sys.stderr)
+    run_generate(args)
 
 
 def add_generate_arguments(parser):
-    parser.add_argument("--model", required=True, help="a multigran model directory")
-    parser.add_argument("--image", action="append", help="image path (repeat for several images)")
-    parser.add_argument("--prompt", required=True, help="the question or instruction")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--granularity", help="visual granularity: 'auto' (router) or tokens per crop (method avg)")
-    parser.add_argument("--max-visual-tokens", type=int,
-                        help="auto granularity: the most probable level whose visual tokens per image fit (method avg)")
-    parser.add_argument("--granularity-bias", type=float,
-                        help="auto granularity: cost in nats per 1000 visual tokens, > 0 favours coarser levels (avg)")
-    parser.add_argument("--boxes", help="object boxes (method mg): a box-file path or a JSON list of [x1,y1,x2,y2]")
-    parser.add_argument("--report", action="store_true", help="print the per-image visual report (JSON) to stderr")
+    from .generate_cli import add_generate_arguments as add
+
+    add(parser)
 
 
 @command("convert", "convert a released checkpoint into a multigran directory")
 def convert_command(args):
     from . import convert
+    from .convert.common import writing_directory
 
-    if args.source == "llava-next":
-        convert.from_llava_next(args.src, args.dst)
-    elif args.source == "avg-llava":
-        convert.from_avg_llava(args.src, args.dst, clip_dir=args.clip)
-    elif args.source == "uhd-v2":
-        from .convert.uhd_v2 import from_uhd_v2
+    from .loading import check_json_files
 
-        from_uhd_v2(args.src, args.dst, jbu_ckpt=args.jbu, clip_dir=args.clip)
-    elif args.source == "mg-llava":
-        from .convert.mg_llava import from_mg_llava
+    if not os.path.exists(args.src):
+        raise FileNotFoundError(f"source checkpoint {args.src} does not exist")
+    for folder in (args.src, args.clip, args.llm_config, args.convnext):
+        if folder and os.path.isdir(folder):
+            check_json_files(folder)  # a broken config file is named here, before any converter reads it
+    with writing_directory(args.dst) as dst:  # nothing appears at DST unless the conversion succeeds
+        if args.source == "llava-next":
+            convert.from_llava_next(args.src, dst)
+        elif args.source == "avg-llava":
+            convert.from_avg_llava(args.src, dst, clip_dir=args.clip)
+        elif args.source == "uhd-v2":
+            from .convert.uhd_v2 import from_uhd_v2
 
-        from_mg_llava(args.src, args.clip, args.convnext, args.dst, llm_config=args.llm_config)
+            from_uhd_v2(args.src, dst, jbu_ckpt=args.jbu, clip_dir=args.clip, separators=args.separators)
+        elif args.source == "mg-llava":
+            from .convert.mg_llava import from_mg_llava
+
+            from_mg_llava(args.src, args.clip, args.convnext, dst, llm_config=args.llm_config)
     print(f"wrote {args.dst}")
 
 
@@ -110,17 +101,44 @@ def add_convert_arguments(parser):
     parser.add_argument("--clip", help="avg-llava, uhd-v2: a Hugging Face CLIP directory (tower config/weights when "
                         "missing); mg-llava: required, the CLIP tower")
     parser.add_argument("--jbu", help="uhd-v2: the stage-0 JBU checkpoint (clip-large-jbu.ckpt), when SRC lacks the JBU")
+    parser.add_argument("--separators", choices=["release", "tokenizer"], default="release",
+                        help="uhd-v2: slice separators from the release's hard-coded Llama ids 29892/13 (what the "
+                        "checkpoint was trained with, default) or from the tokenizer's own ',' and newline")
     parser.add_argument("--convnext", help="mg-llava: OpenCLIP convnext_large_d_320 weights (file or folder) or a Hugging "
                         "Face ConvNext directory")
     parser.add_argument("--llm-config", help="mg-llava: the base LLM's Hugging Face directory or config.json (config and "
                         "tokenizer; the .pth has none)")
 
 
+@command("export", "write a multigran model in another library's native format (anyres -> transformers LLaVA-NeXT)")
+def export_command(args):
+    from .convert.common import writing_directory
+    from .convert.export_llava_next import export_llava_next
+
+    if not os.path.isdir(args.src):
+        raise FileNotFoundError(f"model directory {args.src} does not exist")
+    with writing_directory(args.dst) as dst:  # nothing appears at DST unless the export succeeds
+        export_llava_next(args.src, dst)
+    print(f"wrote {args.dst}")
+
+
+def add_export_arguments(parser):
+    parser.add_argument("format", choices=["llava-next"],
+                        help="llava-next: a LlavaNextForConditionalGeneration checkpoint + processor (anyres models)")
+    parser.add_argument("src", help="a multigran model directory")
+    parser.add_argument("dst", help="output directory")
+
+
 @command("init-tiny", "create a tiny random multigran checkpoint (for trying the tools without downloads)")
 def init_tiny_command(args):
+    from .convert.common import writing_directory
+    from .pipelines import PIPELINES
     from .tiny import build_tiny
 
-    build_tiny(args.dir, method=args.method, seed=args.seed)
+    if args.method not in PIPELINES:
+        raise ValueError(f"--method {args.method!r}: expected one of {', '.join(sorted(PIPELINES))}")
+    with writing_directory(args.dir) as out:
+        build_tiny(out, method=args.method, seed=args.seed)
     print(f"wrote a tiny random '{args.method}' model to {args.dir}")
 
 
@@ -128,49 +146,6 @@ def add_init_tiny_arguments(parser):
     parser.add_argument("dir", help="output directory")
     parser.add_argument("--method", default="anyres")
     parser.add_argument("--seed", type=int, default=0)
-
-
-@command("eval", "answer a LLaVA-format question file and report accuracy, visual tokens and prefill latency")
-def eval_command(args):
-    from .data.boxes import read_box_file
-    from .evaluate.runner import evaluate_records, load_question_file
-
-    processor = load_processor(args.model)
-    records = load_question_file(args.data)
-    if args.limit:
-        records = records[: args.limit]
-    model = load_model(args.model, args.device, args.dtype)
-    options = {} if args.granularity is None else {"granularity": parse_granularity(args.granularity)}
-    generate_options = {}
-    if args.max_visual_tokens is not None:
-        generate_options["max_visual_tokens"] = args.max_visual_tokens
-    if args.granularity_bias is not None:
-        generate_options["granularity_bias"] = args.granularity_bias
-    boxes = read_box_file(args.boxes) if args.boxes else None
-    result = evaluate_records(model, processor, records, args.image_folder, where=args.data,
-                              processor_options=options, generate_options=generate_options, boxes=boxes,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    if args.out:
-        with open(args.out, "w") as handle:
-            for entry in result["predictions"]:
-                handle.write(json.dumps(entry) + "\n")
-    print(json.dumps(result["summary"], indent=2))
-
-
-def add_eval_arguments(parser):
-    parser.add_argument("--model", required=True, help="a multigran model directory")
-    parser.add_argument("--data", required=True, help="LLaVA-format question file (.json list or .jsonl)")
-    parser.add_argument("--image-folder", default=".", help="folder the records' image paths are relative to")
-    parser.add_argument("--granularity", help="'auto' or tokens per crop (method avg)")
-    parser.add_argument("--max-visual-tokens", type=int)
-    parser.add_argument("--granularity-bias", type=float)
-    parser.add_argument("--boxes", help="box file (method mg), joined by record id")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--limit", type=int, help="only the first N records")
-    parser.add_argument("--out", help="write per-record predictions (JSONL) here")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 @command("detect", "detect object boxes with OWLv2 and write an MG-LLaVA box file (resumable)")
@@ -207,13 +182,18 @@ def add_demo_arguments(parser):
 
 @command("init", "compose a new model from a Hugging Face vision tower and causal LM (the start of stage 1)")
 def init_command(args):
+    from .convert.common import writing_directory
     from .convert.compose import compose
+    from .json_io import read_text
 
     fields = {}
     if args.feature_layer is not None:
         fields["vision_feature_layer"] = args.feature_layer
-    compose(args.dir, args.method, args.vision, args.llm, json.loads(args.settings) if args.settings else None,
-            hires_dir=args.hires, chat_template=args.chat_template and open(args.chat_template).read(), **fields)
+    settings = parse_settings(args.settings)
+    template = read_text(args.chat_template) if args.chat_template else None
+    with writing_directory(args.dir) as out:
+        compose(out, args.method, args.vision, args.llm, settings, hires_dir=args.hires, chat_template=template,
+                **fields)
     print(f"wrote a new '{args.method}' model to {args.dir}")
 
 
@@ -230,9 +210,12 @@ def add_init_arguments(parser):
 
 @command("switch-method", "re-use a checkpoint's weights under another method (e.g. anyres -> avg for AVG stage 3)")
 def switch_method_command(args):
+    from .convert.common import writing_directory
     from .convert.method import switch_method
 
-    report = switch_method(args.src, args.dst, args.to, json.loads(args.settings) if args.settings else None)
+    settings = parse_settings(args.settings)
+    with writing_directory(args.dst) as dst:
+        report = switch_method(args.src, dst, args.to, settings)
     print(f"wrote {args.dst}: {len(report['new'])} new tensors ({args.to}'s own modules), "
           f"{len(report['dropped'])} dropped")
 
@@ -247,14 +230,20 @@ def add_switch_method_arguments(parser):
 ARGUMENTS = {
     "generate": add_generate_arguments,
     "convert": add_convert_arguments,
+    "export": add_export_arguments,
     "init-tiny": add_init_tiny_arguments,
-    "eval": add_eval_arguments,
     "detect": add_detect_arguments,
     "switch-method": add_switch_method_arguments,
     "init": add_init_arguments,
     "demo": add_demo_arguments,
 }
 
+
+from .evaluate.cli import add_eval_arguments, eval_command  # noqa: E402
+
+COMMANDS["eval"] = (eval_command, "score a benchmark (official metrics, tokens and speed per granularity; resumable, "
+                    "shardable), a predictions file, or a LLaVA-format record file")
+ARGUMENTS["eval"] = add_eval_arguments
 
 from .train.cli import add_merge_lora_arguments, add_train_arguments, merge_lora_command, train_command  # noqa: E402
 
@@ -263,11 +252,26 @@ COMMANDS["merge-lora"] = (merge_lora_command, "merge LoRA adapters into the base
 ARGUMENTS["train"] = add_train_arguments
 ARGUMENTS["merge-lora"] = add_merge_lora_arguments
 
+from .serve.cli import add_serve_arguments, serve_command  # noqa: E402  (FastAPI is imported when it runs)
+
+COMMANDS["serve"] = (serve_command, "an OpenAI-compatible server with dynamic batching and a web page (FastAPI)")
+ARGUMENTS["serve"] = add_serve_arguments
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors in our one-line form (`multigran: error: ...`, exit code 2)."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("multigran").strip()
+        print(f"multigran: error: {command + ': ' if command else ''}{message} (see `{self.prog} --help`)",
+              file=sys.stderr)
+        sys.exit(2)
+
 
 def build_parser():
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="multigran", description="Multi-granularity vision-language models.")
+    parser = ArgumentParser(prog="multigran", description="Multi-granularity vision-language models.")
     parser.add_argument("--version", action="version", version=f"multigran {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (function, help_text) in COMMANDS.items():
@@ -277,19 +281,42 @@ def build_parser():
     return parser
 
 
+def one_line(error: BaseException, limit: int = 2000) -> str:
+    """An exception's message on one line (some libraries' messages span several)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        text = f"no key {error.args[0]!r}"
+    return text[:limit] + (" ..." if len(text) > limit else "")
+
+
+# Errors that describe bad input (the library raises these with messages that name the culprit).
+INPUT_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Runs one command; returns the exit code (0 ok, 2 bad input, 1 an unexpected error, 130 interrupted)."""
+    debug = bool(os.environ.get("MULTIGRAN_DEBUG"))
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version, usage errors (already printed in one line)
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         args.function(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
-        if os.environ.get("MULTIGRAN_DEBUG"):
+    except INPUT_ERRORS as error:
+        if debug:
             raise
-        print(f"multigran: error: {error}", file=sys.stderr)
+        print(f"multigran: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("multigran: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a backstop: every known bad input is reported at its source, in one line
+        if debug:
+            raise
+        kind = "the input is nested too deeply" if isinstance(error, RecursionError) else type(error).__name__
+        print(f"multigran: error: {kind}: {one_line(error)} (unexpected; set MULTIGRAN_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

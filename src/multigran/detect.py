@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.boxes import read_box_file, write_box_file
+from .extras import require
 from .image_io import ImageLoadError, load_image
 
 # Release settings (MG-LLaVA's offline box generation with OWLv2).
@@ -199,10 +200,9 @@ def load_detector(model_dir, device: str = "auto", dtype: str = "float32"):
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
     from transformers.utils import logging as hf_logging
 
-    from .extras import require
     from .loading import resolve_device_dtype
 
-    require("scipy", "detect")  # transformers' OWLv2 post-processing needs it
+    require("scipy", "detect")  # transformers' OWLv2 image processor needs it
 
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
@@ -313,6 +313,7 @@ def detect(
 
     Returns a summary (also of the failed images). See the module docstring for inputs, ids and resuming.
     """
+    require("scipy", "detect")  # before any work: transformers' OWLv2 image processor needs it
     if batch_size < 1 or save_every < 1 or num_workers < 0:
         raise ValueError(f"batch_size and save_every must be >= 1 and num_workers >= 0, got {batch_size}, "
                          f"{save_every}, {num_workers}")

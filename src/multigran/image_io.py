@@ -1,6 +1,12 @@
-"""Loading images from paths, PIL images, numpy arrays or tensors into 8-bit RGB, with clear errors.
+"""Loading images from paths, URLs, data URIs, base64 text, bytes, PIL images, numpy arrays or tensors into 8-bit
+RGB, with clear errors.
+
+Strings are read as: `data:image/...;base64,...` data URIs; `http://` / `https://` URLs (fetched with a timeout and a
+size cap, the content decoded as an image whatever the server calls it); an existing file path; otherwise, when the
+text is long and made only of base64 characters, bare base64 image bytes.
 
 Conversions (documented behaviour, never a rejection):
+- an encoded image's EXIF Orientation tag is applied (the photo is turned upright), as transformers' load_image does;
 - grayscale, palette and 1-bit images are converted to RGB;
 - images with transparency (RGBA, LA, palette with transparency) are composited on white, as transformers does;
 - CMYK and YCbCr images go through PIL's RGB conversion;
@@ -8,17 +14,30 @@ Conversions (documented behaviour, never a rejection):
 - float images (PIL mode "F" or float arrays) are read as [0, 1] when their maximum is <= 1, else as [0, 255].
 """
 
+import base64
+import binascii
 import io
 import os
+import re
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Images above this many pixels are refused before decoding (a decompression-bomb guard): 2^27 = 134M pixels,
 # e.g. 11585 x 11585, far beyond what any pipeline here uses and below PIL's own hard limit (~179M).
 DEFAULT_MAX_PIXELS = 1 << 27
+
+# Remote and inline images: bytes read at most (above it the download stops and the image is refused) and the
+# seconds a URL may take to answer each read.
+DEFAULT_MAX_BYTES = 20 << 20
+DEFAULT_TIMEOUT = 10.0
+
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
+_MIN_BASE64_CHARS = 64  # shorter strings are always taken as paths
 
 
 class ImageLoadError(ValueError):
@@ -84,8 +103,78 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(_scale_to_uint8(array))))
 
 
-def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Returns an 8-bit RGB PIL image from a path, bytes, PIL image, numpy array or torch tensor."""
+def image_string_kind(text: str) -> str:
+    """How `load_image` reads a string: "data" (data URI), "url" (http/https), "path" or "base64"."""
+    head = text[:16].lower()
+    if head.startswith("data:"):
+        return "data"
+    if head.startswith(("http://", "https://")):
+        return "url"
+    if len(text) >= _MIN_BASE64_CHARS and _BASE64_TEXT.fullmatch(text) and not os.path.exists(text):
+        return "base64"
+    return "path"
+
+
+def _describe_text(text: str) -> str:
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text):,} characters)"
+
+
+def _decode_base64(payload: str, what: str, max_bytes: int) -> bytes:
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageLoadError(f"{what} holds about {len(payload) * 3 // 4:,} bytes, above the limit of {max_bytes:,}")
+    try:
+        if "-" in payload or "_" in payload:
+            return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ImageLoadError(f"{what} is not valid base64: {error}") from None
+
+
+def _read_data_uri(uri: str, max_bytes: int) -> bytes:
+    what = f"data URI {_describe_text(uri)!r}"
+    header, comma, payload = uri.partition(",")
+    if not comma:
+        raise ImageLoadError(f"{what} has no ',' between its header and its data (expected data:image/png;base64,...)")
+    media_type, *parameters = header[len("data:"):].split(";")
+    if media_type and not media_type.lower().startswith("image/"):
+        raise ImageLoadError(f"{what} declares media type {media_type!r}, not an image (image/png, image/jpeg, ...)")
+    if "base64" not in (p.strip().lower() for p in parameters):
+        raise ImageLoadError(f"{what} is not base64-encoded (expected data:image/...;base64,...)")
+    return _decode_base64(payload, what, max_bytes)
+
+
+def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
+    what = f"image URL {_describe_text(url)!r}"
+    request = urllib.request.Request(url, headers={"User-Agent": "multigran", "Accept": "image/*"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageLoadError(f"{what} is {int(declared):,} bytes, above the limit of {max_bytes:,}")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as error:
+        raise ImageLoadError(f"{what} could not be fetched: HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        reason = error.reason
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise ImageLoadError(f"{what} did not answer within {timeout:g} s") from None
+        raise ImageLoadError(f"{what} could not be fetched: {reason}") from None
+    except TimeoutError:
+        raise ImageLoadError(f"{what} did not answer within {timeout:g} s") from None
+    except (OSError, ValueError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        raise ImageLoadError(f"{what} could not be fetched: {error}") from None
+    if len(data) > max_bytes:
+        raise ImageLoadError(f"{what} is larger than the limit of {max_bytes:,} bytes")
+    return data
+
+
+def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float = DEFAULT_TIMEOUT,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+    """Returns an 8-bit RGB PIL image from a path, URL, data URI, base64 text, bytes, PIL image, numpy array or torch
+    tensor. `timeout` (seconds) and `max_bytes` apply to URLs, data URIs and base64 text."""
     if isinstance(source, Image.Image):
         _check_pixels(*source.size, _describe(source), max_pixels)
         return _to_rgb(source)
@@ -95,6 +184,17 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         return _from_array(source.detach().cpu().float().numpy(), max_pixels)
     if isinstance(source, bytes):
         return _open(io.BytesIO(source), "image bytes", max_pixels)
+    if isinstance(source, str):
+        kind = image_string_kind(source)
+        if kind == "data":
+            return _open(io.BytesIO(_read_data_uri(source, max_bytes)), f"data URI {_describe_text(source)!r}",
+                         max_pixels)
+        if kind == "url":
+            return _open(io.BytesIO(_fetch_url(source, timeout, max_bytes)), f"image URL {_describe_text(source)!r}",
+                         max_pixels)
+        if kind == "base64":
+            what = f"base64 image text {_describe_text(source)!r}"
+            return _open(io.BytesIO(_decode_base64(source, what, max_bytes)), what, max_pixels)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -102,7 +202,8 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         with open(path, "rb") as handle:
             return _open(handle, f"image file {str(path)!r}", max_pixels)
     raise TypeError(
-        f"cannot read an image from {type(source).__name__}: pass a path, bytes, PIL image, numpy array or torch tensor"
+        f"cannot read an image from {type(source).__name__}: pass a path, URL, data URI, base64 text, bytes, "
+        "PIL image, numpy array or torch tensor"
     )
 
 
@@ -115,6 +216,9 @@ def _open(handle, what: str, max_pixels: int) -> Image.Image:
             image = Image.open(handle)
             _check_pixels(*image.size, what, max_pixels)
             image.load()
+            # Cameras store photos unrotated with an EXIF Orientation tag: show them upright, as transformers'
+            # load_image does.
+            image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
         raise ImageLoadError(f"{what} is not an image PIL can read (unknown or unsupported format)") from None
     except Image.DecompressionBombError as error:
@@ -129,4 +233,5 @@ def _open(handle, what: str, max_pixels: int) -> Image.Image:
     return _to_rgb(image)
 
 
-__all__ = ["load_image", "ImageLoadError", "DEFAULT_MAX_PIXELS"]
+__all__ = ["load_image", "image_string_kind", "ImageLoadError", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES",
+           "DEFAULT_TIMEOUT"]

@@ -1,5 +1,6 @@
 """MultiGranForConditionalGeneration: vision tower -> visual pipeline -> tokens spliced into a Hugging Face causal LM."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +20,32 @@ class MultiGranCausalLMOutput(CausalLMOutputWithPast):
     visual_report: list[dict] | None = None
 
 
-def reexpand_image_tokens(input_ids, attention_mask, labels, old_counts, new_counts, image_token_id, pad_token_id):
+def pad_left(input_ids, attention_mask):
+    """Moves each row's padding to its left end, as decoder-only generation needs (new tokens follow the prompt).
+
+    A stable sort of the mask puts the padding (0) first and keeps the tokens (1) in order; rows are unchanged when
+    nothing is padded on the right.
+    """
+    if attention_mask is None or bool((attention_mask[:, -1] == 1).all()):
+        return input_ids, attention_mask
+    order = torch.sort(attention_mask.long(), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def reexpand_image_tokens(input_ids, attention_mask, labels, old_counts, new_counts, image_token_id, pad_token_id,
+                          padding_side=None):
     """Changes each image's run of placeholder tokens from old_counts[i] to new_counts[i] tokens, row by row.
 
     Used when the model, not the processor, settles an image's token count (AVG-LLaVA's router in "auto" mode: the
-    processor leaves one placeholder). Rows are re-padded on the side the batch was padded on; new image positions
-    are attended and carry label -100.
+    processor leaves one placeholder). Rows are re-padded on `padding_side` ("left" or "right"; None: the side the
+    batch was padded on, right when no row is padded); new image positions are attended and carry label -100.
     """
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+    if padding_side is None:
+        padding_side = "left" if attention_mask is not None and bool((attention_mask[:, 0] == 0).any()) else "right"
+    left_padded = padding_side == "left"
     rows, image = [], 0
-    left_padded = attention_mask is not None and bool((attention_mask[:, -1] == 1).all()) and bool(
-        (attention_mask[:, 0] == 0).any())
     for row in range(input_ids.shape[0]):
         valid = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(input_ids[row], dtype=torch.bool)
         ids = input_ids[row][valid].tolist()
@@ -70,6 +87,39 @@ def reexpand_image_tokens(input_ids, attention_mask, labels, old_counts, new_cou
     return out_ids, out_mask, out_labels
 
 
+def offload_hooks(module) -> list:
+    """accelerate's offloading hooks (device_map with "cpu"/"disk" entries) under `module`: (submodule, hook) pairs."""
+    found = []
+    for child in module.modules():
+        hook = getattr(child, "_hf_hook", None)
+        for single in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            if getattr(single, "offload", False):
+                found.append((child, single))
+    return found
+
+
+@contextmanager
+def offloaded_weights_loaded(*modules):
+    """Loads the offloaded weights of `modules` for the duration of the block, then offloads them again.
+
+    accelerate's offload hooks load a module's own weights only while that module is called; the visual pipelines
+    also read weights of modules they do not call (nn.MultiheadAttention projections in AVG's router and UHD's window
+    attention, the towers' stems, the input embeddings UHD's separators read), which would be left on the meta device.
+    The vision side is small next to the LLM, so it is loaded whole while the images are encoded. Does nothing without
+    offloading.
+    """
+    hooks = [pair for module in modules for pair in offload_hooks(module)]
+    for child, hook in hooks:
+        hook.pre_forward(child)
+        hook.offload = False  # the module's own calls inside the block must not offload it again
+    try:
+        yield
+    finally:
+        for child, hook in hooks:
+            hook.offload = True
+            hook.post_forward(child, None)
+
+
 class MultiGranPreTrainedModel(PreTrainedModel):
     config: MultiGranConfig
     config_class = MultiGranConfig
@@ -80,7 +130,9 @@ class MultiGranPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = "cache"
+    # With a device_map (accelerate's offload hooks), these are not moved with a module's inputs: the cache, and the
+    # modules the model hands to its visual pipeline (they carry their own hooks).
+    _skip_keys_device_placement = ["cache", "vision_tower", "embed_tokens"]
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips, in custom-code models, modules that own no parameter themselves (e.g. a fusion block
@@ -129,8 +181,9 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
 
     def get_image_features(self, pixel_values, image_sizes, **visual_inputs) -> list[torch.Tensor]:
         """Per image, its visual tokens in the LLM's embedding space: list of (tokens_i, D)."""
-        return self.visual(self.vision_tower, pixel_values=pixel_values, image_sizes=image_sizes,
-                           embed_tokens=self.get_input_embeddings(), **visual_inputs)
+        with offloaded_weights_loaded(self.vision_tower, self.visual, self.get_input_embeddings()):
+            return self.visual(vision_tower=self.vision_tower, pixel_values=pixel_values, image_sizes=image_sizes,
+                               embed_tokens=self.get_input_embeddings(), **visual_inputs)
 
     def embed_text(self, input_ids) -> torch.Tensor:
         """The LM's token embeddings; image placeholders read row 0 (they are overwritten by visual tokens), so the
@@ -189,9 +242,15 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         """Splices each image's visual tokens into the prompt and runs the LM.
 
         `pixel_values`/`image_sizes` (and the method's own inputs, `self.visual.input_names`) come from
-        `MultiGranProcessor`; `image_features` (per image (tokens, D)) replaces them when precomputed (as `generate`
-        does); `labels` follow Hugging Face's convention (-100 = ignored; image positions are always ignored).
+        `MultiGranProcessor`; `image_features` (per image (tokens, D)) replaces them when precomputed; `labels` follow
+        Hugging Face's convention (-100 = ignored; image positions are always ignored). `compute=fn` runs `fn(model)`
+        instead and returns its result (losses of several passes, under a DDP / FSDP wrapper).
         """
+        if (compute := kwargs.pop("compute", None)) is not None:
+            # A training loss that runs several passes (AVG-LLaVA's per-granularity losses) passes itself as
+            # `compute(model)`: under DDP / FSDP everything then happens inside the wrapped forward, where the wrapper
+            # sees every parameter used (its gradient hooks and unused-parameter search start from this output).
+            return compute(self)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         visual_inputs = {name: kwargs.pop(name) for name in self.visual.input_names if name in kwargs}
@@ -204,7 +263,7 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
                 pixel_values, image_sizes, input_ids=input_ids, inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask, labels=labels, **visual_inputs,
             )
-            report = getattr(self.visual, "last_report", None)
+            report = self.visual_report(image_features)
         if image_features is not None:
             image_token_counts = [f.shape[0] for f in image_features]
             image_mask = self.image_token_mask(input_ids, inputs_embeds)
@@ -245,21 +304,44 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         pad = getattr(self.config.text_config, "pad_token_id", None)
         return 0 if pad is None else pad
 
+    def visual_report(self, features) -> list[dict]:
+        """Per image, the pipeline's report of its last call (granularity, slices, boxes, ...); always with
+        `visual_tokens`, the number of visual tokens the image gave."""
+        report = getattr(self.visual, "last_report", None)
+        if report is None or len(report) != len(features):
+            report = [{} for _ in features]
+        return [{**entry, "visual_tokens": f.shape[0]} for entry, f in zip(report, features)]
+
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
-        """transformers' `generate`, with the images encoded once before the prefill.
+        """transformers' `generate`, with the images encoded and spliced into the prompt's embeddings before it starts.
+
+        Every decoding mode of transformers works unchanged (beam search, `num_return_sequences`, sampling,
+        assisted / prompt-lookup decoding, streamers, static caches): they see a text prompt (`input_ids`, which
+        also holds the image placeholders) whose first step reads `inputs_embeds`, one tensor expanded per beam like
+        any other. The prompt is left-padded whatever the tokenizer's padding side (decoder-only generation appends
+        new tokens on the right).
 
         The pipeline may settle each image's token count itself (AVG-LLaVA's router with granularity "auto"): the
-        prompt's placeholders are then resized to exactly the chosen counts, so no padding is left in the sequence.
-        Per-image decisions are in `self.last_visual_report` (and `output.visual_report` with
+        prompt's placeholders are then resized to exactly the chosen counts. The output starts with the caller's
+        `input_ids` as passed, so `output[:, input_ids.shape[1]:]` is always the answer. Per-image decisions and
+        visual-token counts are in `self.last_visual_report` (and `output.visual_report` with
         `return_dict_in_generate=True`). Method options (e.g. `granularity=144`, `max_visual_tokens=...`,
         `granularity_bias=...`) may be passed here and override the processor's.
         """
         self.last_visual_report = None
-        original_ids = input_ids
         visual_inputs = {name: kwargs.pop(name) for name in self.visual.input_names if name in kwargs}
         override = kwargs.pop("granularity", None)
-        if pixel_values is not None and pixel_values.shape[0] > 0 and input_ids is not None:
+        has_images = pixel_values is not None and pixel_values.shape[0] > 0
+        if input_ids is None:
+            if has_images:
+                raise ValueError("generate with images needs input_ids (the prompt with its image placeholders)")
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        original_ids = input_ids
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = pad_left(input_ids, attention_mask)
+        if has_images:
             processor_inputs = dict(visual_inputs)
             if override is not None:
                 visual_inputs["image_granularity"] = [override] * pixel_values.shape[0]
@@ -267,34 +349,45 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
                 pixel_values, image_sizes, input_ids=input_ids, inputs_embeds=self.embed_text(input_ids),
                 attention_mask=attention_mask, **visual_inputs,
             )
-            self.last_visual_report = getattr(self.visual, "last_report", None)
+            self.last_visual_report = self.visual_report(features)
             counts = [f.shape[0] for f in features]
             if int((input_ids == self.config.image_token_id).sum()) != sum(counts) or override is not None:
                 old = self.visual.placeholder_counts(image_sizes, **processor_inputs)
                 input_ids, attention_mask, _ = reexpand_image_tokens(
-                    input_ids, attention_mask, None, old, counts, self.config.image_token_id, self.pad_token_id
+                    input_ids, attention_mask, None, old, counts, self.config.image_token_id, self.pad_token_id,
+                    padding_side="left",
                 )
-            kwargs["image_features"] = features
+            image_mask = input_ids == self.config.image_token_id
+            kwargs["inputs_embeds"] = self.splice_image_features(self.embed_text(input_ids), image_mask, features)
+            vocabulary = self.get_input_embeddings().num_embeddings
+            if not 0 <= self.config.image_token_id < vocabulary:
+                # Logits processors index the vocabulary with the prompt's ids (repetition penalty, prompt lookup):
+                # an image token outside it (original LLaVA checkpoints) reads as padding there.
+                input_ids = input_ids.masked_fill(image_mask, self.pad_token_id)
         prompt = input_ids
         output = super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if original_ids is not None and original_ids.shape != prompt.shape:
-            # Give back the caller's prompt (as passed) followed by the new tokens, so `output[:, len(prompt):]`
-            # is the answer whatever the number of visual tokens the model settled on.
+        if original_ids.shape != prompt.shape or not torch.equal(original_ids, prompt):
+            # Give back the caller's prompt (as passed, once per returned sequence) followed by the new tokens.
+            sequences = output if torch.is_tensor(output) else output.sequences
+            repeats = sequences.shape[0] // original_ids.shape[0]
+            sequences = torch.cat([original_ids.repeat_interleave(repeats, dim=0), sequences[:, prompt.shape[1]:]], 1)
             if torch.is_tensor(output):
-                output = torch.cat([original_ids, output[:, prompt.shape[1]:]], dim=1)
+                output = sequences
             else:
-                output.sequences = torch.cat([original_ids, output.sequences[:, prompt.shape[1]:]], dim=1)
+                output.sequences = sequences
         if self.last_visual_report is not None and not torch.is_tensor(output):
             output.visual_report = self.last_visual_report
         return output
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        # Images are consumed by the prefill; later steps read them from the cache.
-        if not is_first_iteration and inputs.get("use_cache", True):
-            for name in ("pixel_values", "image_sizes", "image_features", *self.visual.input_names):
-                inputs.pop(name, None)
-        return inputs
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        if is_first_iteration and inputs_embeds is not None and input_ids.shape[1] > inputs_embeds.shape[1]:
+            # Assisted / prompt-lookup decoding checks its first draft tokens in the prefill: they follow the prompt's
+            # embeddings (transformers would drop them and read only the prompt).
+            draft = self.embed_text(input_ids[:, inputs_embeds.shape[1]:])
+            inputs_embeds = torch.cat([inputs_embeds, draft.to(inputs_embeds.dtype)], dim=1)
+        return super().prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
 
 
 __all__ = ["MultiGranForConditionalGeneration", "MultiGranPreTrainedModel", "MultiGranCausalLMOutput"]

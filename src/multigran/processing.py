@@ -36,6 +36,8 @@ class MultiGranImageProcessor(LlavaNextImageProcessorPil):
         kwargs.setdefault("size", {"shortest_edge": 336})
         kwargs.setdefault("crop_size", {"height": 336, "width": 336})
         super().__init__(**kwargs)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive int (pixels per image), got {max_pixels!r}")
         self.method = method
         self.method_settings = dict(method_settings or {})
         self.patch_size = patch_size
@@ -47,10 +49,14 @@ class MultiGranImageProcessor(LlavaNextImageProcessorPil):
         images = [load_image(image, self.max_pixels) for image in images]
         return BatchFeature(IMAGE_STEPS[self.method](self, images, **options))
 
-    def check_options(self, options):
+    def step_options(self) -> set[str]:
+        """The keyword options the method's image step takes."""
         if self.method not in IMAGE_STEPS:
             raise ValueError(f"unknown method {self.method!r}; available methods: {sorted(IMAGE_STEPS)}")
-        accepted = set(inspect.signature(IMAGE_STEPS[self.method]).parameters) - {"image_processor", "images"}
+        return set(inspect.signature(IMAGE_STEPS[self.method]).parameters) - {"image_processor", "images"}
+
+    def check_options(self, options):
+        accepted = self.step_options()
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ValueError(f"option(s) {unknown} do not apply to method {self.method!r} (it takes {sorted(accepted)})")
@@ -127,8 +133,16 @@ class MultiGranProcessor(ProcessorMixin):
         if options.pop("truncation", None) or options.pop("max_length", None):
             raise ValueError("truncation is not supported: it could cut image tokens; the processor checks the "
                              "context length instead")
-        options = {k: v for k, v in options.items() if v is not None and k not in TOKENIZER_OPTIONS_IGNORED}
-        texts = [text] if isinstance(text, str) else list(text)
+        # None is kept for the method step's own options (e.g. uhd's pre_resize_long_side=None: no pre-resize) and
+        # dropped for anything else (keywords transformers passes along unset).
+        accepted = self.image_processor.step_options()
+        options = {k: v for k, v in options.items()
+                   if k not in TOKENIZER_OPTIONS_IGNORED and (v is not None or k in accepted)}
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(item, str) for item in texts):
+            kinds = sorted({type(item).__name__ for item in texts or [text]})
+            raise TypeError(f"text must be a prompt string or a non-empty list of them, got {type(text).__name__}"
+                            f"{' of ' + '/'.join(kinds) if texts else ''} (token ids go to the model as input_ids)")
         nested = _nest_images(images, texts, self.image_token)
         flat_images = [image for group in nested for image in group]
 

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..configuration import CLIP_L_336, MultiGranConfig
 from ..data.templates import inference_chat_template
-from ..pipelines.avg import DEFAULT_TOP_K, granularity_levels
+from ..pipelines.anyres import PATCH_MERGES
+from ..pipelines.avg import DEFAULT_TOP_K, AvgSettings
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
 from .common import (
     CheckpointMismatchError,
@@ -58,7 +59,8 @@ def rename_key(key: str) -> str:
 
 
 def config_from_release(release: dict, vision_config=None) -> MultiGranConfig:
-    """The released LLaVA-style config.json -> MultiGranConfig (method "avg", compat on)."""
+    """The released LLaVA-style config.json -> MultiGranConfig (method "avg", compat on, the release's unpad rounding,
+    merge type and granularity levels)."""
     if release.get("model_type") not in ("llava_llama", "llava_mistral", "llava_qwen"):
         raise CheckpointMismatchError(f"model_type {release.get('model_type')!r} is not an AVG-LLaVA/LLaVA-NeXT "
                                       "release (llava_llama, llava_mistral or llava_qwen)")
@@ -76,26 +78,60 @@ def config_from_release(release: dict, vision_config=None) -> MultiGranConfig:
     select = release.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise CheckpointMismatchError(f"mm_vision_select_feature {select!r} is not supported (patch or cls_patch)")
+    check_release_layout(release)
     # The LLaVA code stores AnyRes pinpoints as (width, height); transformers (and multigran) as (height, width).
     pinpoints = [[h, w] for w, h in release.get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672],
                                                                           [1008, 336], [336, 1008]])]
     grid = vision_config.image_size // vision_config.patch_size
-    levels = [tokens for tokens, _, _ in granularity_levels(grid)]
-    released_levels = release.get("vis_token_granularity", levels)
-    if list(released_levels) != levels:
-        raise CheckpointMismatchError(f"vis_token_granularity {released_levels} differs from the pyramid {levels} "
-                                      f"of a {grid}x{grid} patch grid")
+    router = bool(release.get("router_select", False))  # the release builds a router only then (llava_arch.py:45)
+    released_levels = release.get("vis_token_granularity")
+    settings = {"compat": True, "use_router": router, "top_k": int(release.get("filtered_text_num", DEFAULT_TOP_K)),
+                # the original LLaVA code's unpad (`int()`, llava_arch.py:132,137) and merge type
+                "unpad_rounding": "truncate", "patch_merge": release.get("mm_patch_merge_type", "flat")}
+    try:
+        if released_levels is not None:
+            if not isinstance(released_levels, list) or not all(isinstance(t, int) for t in released_levels):
+                raise ValueError("it must be a list of token counts per crop")
+            settings["levels"] = list(released_levels)
+        levels = [tokens for tokens, _, _ in AvgSettings(**settings).level_geometry(grid)]
+    except ValueError as error:
+        raise CheckpointMismatchError(f"vis_token_granularity {released_levels!r}: {error}") from None
+    settings["granularity"] = "auto" if router else levels[-1]
     return MultiGranConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
         method="avg",
-        method_settings={"compat": True, "use_router": bool(release.get("router_select", True)),
-                         "top_k": int(release.get("filtered_text_num", DEFAULT_TOP_K)),
-                         "granularity": "auto" if release.get("router_select", True) else levels[-1]},
+        method_settings=settings,
         vision_feature_layer=release.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full",
         image_grid_pinpoints=pinpoints,
     )
+
+
+def check_release_layout(release: dict) -> None:
+    """Refuses, by name, the release's settings that multigran does not reproduce. Missing keys take the release
+    code's defaults (`llava_arch.py:256-257`, `multimodal_projector/builder.py:34`)."""
+    merge = release.get("mm_patch_merge_type", "flat")
+    if merge not in PATCH_MERGES:
+        raise CheckpointMismatchError(f"mm_patch_merge_type {merge!r} is not supported (one of {list(PATCH_MERGES)})")
+    if merge == "flat" and release.get("router_select", False):
+        raise CheckpointMismatchError(
+            "mm_patch_merge_type 'flat' (the release's default when the key is missing) with router_select: the "
+            "release never runs its router on flat features (llava/model/llava_arch.py:258-259), so this checkpoint's "
+            "router was never used; convert a spatial_unpad checkpoint, or one with router_select false")
+    aspect = release.get("image_aspect_ratio", "square")
+    if aspect != "anyres":
+        raise CheckpointMismatchError(
+            f"image_aspect_ratio {aspect!r} is not supported: multigran's avg processor does AnyRes (a base view and "
+            "tiles); the release preprocesses 'pad' and 'square' as one crop (llava/mm_utils.py:166-182), which it "
+            "does not reproduce (image_aspect_ratio defaults to 'square' when the key is missing)")
+    projector = release.get("mm_projector_type", "linear")
+    if projector != "mlp2x_gelu":
+        raise CheckpointMismatchError(
+            f"mm_projector_type {projector!r} is not supported: multigran's projector is mlp2x_gelu (Linear, GELU, "
+            "Linear); the release's 'linear', 'identity' and other 'mlpNx_gelu' projectors "
+            "(llava/model/multimodal_projector/builder.py:33-51) have other layers (mm_projector_type defaults to "
+            "'linear' when the key is missing)")
 
 
 def _pack_split_attention(checkpoint, renamed, extra):

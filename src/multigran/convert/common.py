@@ -3,6 +3,9 @@
 import json
 import logging
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,11 +25,16 @@ def safetensors_files(src_dir) -> list[Path]:
     """The safetensors files of a checkpoint directory (single file or shards listed in the index)."""
     src_dir = Path(src_dir)
     index = src_dir / "model.safetensors.index.json"
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {src_dir} does not exist")
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise CheckpointMismatchError(f"{index} is not a valid safetensors index: {error}") from None
+        from ..json_io import read_json_file
+
+        data = read_json_file(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointMismatchError(f"{index} is not a valid safetensors index (expected "
+                                          "{'weight_map': {key: file name}})")
         files = [src_dir / name for name in sorted(set(weight_map.values()))]
     else:
         files = sorted(src_dir.glob("*.safetensors"))
@@ -45,7 +53,7 @@ class SafetensorsCheckpoint:
         self.handles = {}
         self.location = {}
         for path in safetensors_files(src_dir):
-            handle = safe_open(str(path), framework="pt")
+            handle = open_safetensors(path)
             self.handles[path] = handle
             for key in handle.keys():
                 self.location[key] = path
@@ -57,7 +65,44 @@ class SafetensorsCheckpoint:
         return torch.Size(self.handles[self.location[key]].get_slice(key).get_shape())
 
     def tensor(self, key) -> torch.Tensor:
-        return self.handles[self.location[key]].get_tensor(key)
+        path = self.location[key]
+        try:
+            return self.handles[path].get_tensor(key)
+        except Exception as error:  # safetensors' own SafetensorError: unreadable data behind a valid header
+            raise CheckpointMismatchError(f"{path}: cannot read tensor {key!r} ({error})") from None
+
+
+def open_safetensors(path):
+    """safe_open, with a zero-byte, truncated or garbage file reported as one error naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError type
+        raise CheckpointMismatchError(f"{path}: not a valid safetensors file ({error}): the file is empty, truncated "
+                                      "or corrupt") from None
+
+
+@contextmanager
+def writing_directory(dst):
+    """Yields a fresh folder next to `dst` to write an output model into; on success its files move into `dst`
+    (created if needed, same-named files replaced), on failure it is removed: a failed command leaves no half-written
+    model behind."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"output {dst} exists and is not a directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        yield tmp
+        dst.mkdir(exist_ok=True)
+        for item in sorted(tmp.iterdir()):
+            target = dst / item.name
+            if target.is_dir() and not item.is_dir():
+                shutil.rmtree(target)
+            elif item.is_dir() and target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def canonical_tower_key(key: str) -> str:

@@ -37,15 +37,29 @@ def _image_processor_settings(vision_dir, vision_config) -> dict:
     settings = {}
     path = Path(vision_dir) / "preprocessor_config.json"
     if path.is_file():
-        import json
+        from ..json_io import read_json_file
 
-        data = json.loads(path.read_text())
+        data = read_json_file(path)
+        data = data if isinstance(data, dict) else {}
         for key in ("image_mean", "image_std"):
             if key in data:
                 settings[key] = data[key]
     size = vision_config.image_size
     settings.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return settings
+
+
+def _part_config(folder, option: str):
+    """The Hugging Face config of a part's directory; a missing folder or broken config.json is named."""
+    from ..loading import check_json_files
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"{option} {folder}: not a Hugging Face model directory (no config.json)")
+    check_json_files(folder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{option} {folder}/config.json: {' '.join(str(error).split())[:300]}") from None
 
 
 def compose(out_dir, method: str, vision_dir, llm_dir, method_settings: dict | None = None, hires_dir=None,
@@ -58,10 +72,15 @@ def compose(out_dir, method: str, vision_dir, llm_dir, method_settings: dict | N
     `<image>` is added to the tokenizer when missing; its id may lie outside the LM's vocabulary (never embedded).
     """
     out_dir = Path(out_dir)
-    vision_config = AutoConfig.from_pretrained(vision_dir)
-    vision_config = getattr(vision_config, "vision_config", vision_config)
-    text_config = AutoConfig.from_pretrained(llm_dir)
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    vision_config = _part_config(vision_dir, "--vision")
+    vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIP model: its vision half
+    if not hasattr(vision_config, "patch_size") or not hasattr(vision_config, "image_size"):
+        raise ValueError(f"--vision {vision_dir}: a {vision_config.model_type!r} model is not a CLIP/SigLIP vision tower")
+    text_config = _part_config(llm_dir, "--llm")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"--llm {llm_dir}: cannot load its tokenizer: {' '.join(str(error).split())[:300]}") from None
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if vision_config.model_type.startswith("siglip"):

@@ -55,6 +55,9 @@ def multigran_config_from_llava_next(hf_config: LlavaNextConfig) -> MultiGranCon
         vision_config=hf_config.vision_config.to_dict(),
         text_config=text_config,
         method="anyres",
+        # transformers' unpad (`int(round(x, 7))`), which llava-hf checkpoints run with; the original LLaVA code base
+        # truncates instead (convert/avg_llava.py sets "truncate")
+        method_settings={"unpad_rounding": "hf"},
         image_token_id=hf_config.image_token_id,
         projector_hidden_act=hf_config.projector_hidden_act,
         multimodal_projector_bias=hf_config.multimodal_projector_bias,
@@ -112,6 +115,6 @@ def from_llava_next(src_dir, dst_dir) -> Path:
     config.save_pretrained(dst_dir)
     if (src_dir / "generation_config.json").is_file():
         shutil.copy(src_dir / "generation_config.json", dst_dir / "generation_config.json")
-    convert_processor(src_dir, config).save_pretrained(dst_dir)
+    convert_processor(src_dir, config, method_settings=config.method_settings).save_pretrained(dst_dir)
     logger.info("converted %s -> %s (%d tensors)", src_dir, dst_dir, len(sources))
     return dst_dir

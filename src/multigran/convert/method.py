@@ -9,11 +9,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor
 
-from ..configuration import MultiGranConfig
+from ..loading import from_pretrained_checked, load_config, load_processor
 from ..modeling import MultiGranForConditionalGeneration
-from ..pipelines import settings_for
+from ..pipelines import PIPELINES, settings_for
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +20,20 @@ logger = logging.getLogger(__name__)
 def switch_method(src_dir, dst_dir, method: str, method_settings: dict | None = None, seed: int = 0) -> dict:
     """Writes `dst_dir` (model + processor) with `method`; returns {"new": [...], "dropped": [...]} parameter names."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    config = MultiGranConfig.from_pretrained(src_dir)
-    processor = AutoProcessor.from_pretrained(src_dir)
+    if method not in PIPELINES:
+        raise ValueError(f"--to {method!r}: expected one of {', '.join(sorted(PIPELINES))}")
+    if method_settings is not None and not isinstance(method_settings, dict):
+        raise ValueError(f"method settings must be a JSON object, got {type(method_settings).__name__}")
+    config = load_config(src_dir)  # every file of SRC checked first: errors name the file
+    processor = load_processor(src_dir)
     config.method = method
     config.method_settings = settings_for(method, method_settings, processor.tokenizer)
-    source = MultiGranForConditionalGeneration.from_pretrained(src_dir)
+    source = from_pretrained_checked(src_dir, allow_missing=False)
     torch.manual_seed(seed)
-    target = MultiGranForConditionalGeneration(config)
+    try:
+        target = MultiGranForConditionalGeneration(config)
+    except (TypeError, KeyError) as error:  # a setting of the wrong type deep in a module's constructor
+        raise ValueError(f"method {method!r} with settings {config.method_settings}: {error}") from None
     source_state, target_state = source.state_dict(), target.state_dict()
     shared = {k: v for k, v in source_state.items() if k in target_state and target_state[k].shape == v.shape}
     mismatched = [k for k, v in source_state.items() if k in target_state and target_state[k].shape != v.shape]

@@ -23,9 +23,11 @@ The rest comes from the original checkpoints, as in the release:
   - `llm_config`: the base LLM's Hugging Face config (a directory or its config.json; e.g. lmsys/vicuna-7b-v1.5) --
     the .pth stores no config. Its directory also provides the tokenizer (and the LLM weights when the .pth holds no
     `llm.*` keys, e.g. a stage-1 checkpoint where the LLM was frozen).
-The tokenizer gets `<image>` as a special token (XTuner inserts images by a negative index, so its id may lie outside
-the LLM's vocabulary; the model never embeds or predicts it). Chat template: the tokenizer's own (Llama-3, Phi-3) or,
-when it has none (Vicuna), XTuner's `vicuna` prompt template.
+The converted model runs in compat mode (`MgSettings.compat`: the release's box pipeline, ConvNeXt stochastic depth in
+training) with the release's text budget `text_max_length` (2048 - 576). The tokenizer gets `<image>` as a special
+token (XTuner inserts images by a negative index, so its id may lie outside the LLM's vocabulary; the model never
+embeds or predicts it). Chat template: the tokenizer's own (Llama-3, Phi-3) or, when it has none (Vicuna), XTuner's
+`vicuna` prompt template.
 """
 
 import logging
@@ -75,6 +77,7 @@ _PREFIXES = [  # (released prefix, multigran prefix)
 ]
 
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+RELEASE_CONTEXT = 2048  # the release configs' context: max_length = 2048 - 576 text tokens
 OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
 
 
@@ -202,6 +205,11 @@ def _high_res(vision_config, convnext_config) -> int:
     return grid * convnext_config.patch_size * 2 ** (convnext_config.num_stages - 1)
 
 
+def release_text_max_length(vision_config) -> int:
+    """The release configs' max_length, `int(2048 - (336 // 14) ** 2)`: text tokens, the image tokens excluded."""
+    return RELEASE_CONTEXT - (vision_config.image_size // vision_config.patch_size) ** 2
+
+
 def _llm_folder(llm_config) -> Path:
     path = Path(llm_config)
     if path.is_dir():
@@ -248,8 +256,11 @@ def from_mg_llava(pth_path_or_dir, clip_dir, convnext_dir, dst_dir, llm_config=N
         text_config=text_config.to_dict(),
         method="mg",
         # High-res side = CLIP token grid x ConvNeXt stride, so the two grids align: 24 x 32 = 768 for the release.
-        method_settings={"convnext_config": _convnext_settings(convnext),
-                         "high_res": _high_res(vision_config, convnext.config)},
+        # compat: the release's box pipeline and training-time ConvNeXt stochastic depth (MgSettings); its text budget
+        # max_length = 2048 - grid^2 (1472) drives the one-box-per-label rule for texts near it.
+        method_settings={"compat": True, "convnext_config": _convnext_settings(convnext),
+                         "high_res": _high_res(vision_config, convnext.config),
+                         "text_max_length": release_text_max_length(vision_config)},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,  # MG-LLaVA: visual_select_layer -2, patch tokens only
         vision_feature_select_strategy="default",

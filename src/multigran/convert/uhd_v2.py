@@ -21,7 +21,18 @@ Skipped with a logged note (present in the release, used by nothing): the base r
 8x level (`feature_8x_embedding`, `features_8x_projector`), the duplicate frozen CLIP of the FeatUp wrapper
 (`upsampler.model.*`). Dropped silently as the release does: `scale_net*`, `downsampler*` of the stage-0 checkpoint.
 The JBU weights of the release directory win over the stage-0 checkpoint's (stage 2 fine-tunes the JBU's fix-up);
-`jbu_ckpt` supplies the JBU when the directory lacks it.
+`jbu_ckpt` supplies the JBU when the directory lacks it. feature_scale_mask 2 and 3 build the release's one-step
+`JBU2xStack` (up1 + the fix-up on the 2x output, featup/upsamplers.py:278-302): the 4x stage-0 checkpoint's up2 is
+left aside with a logged note, as the release's strict=False load does (hubconf.py:166-169).
+
+Release behaviour kept in the converted settings (both logged at conversion):
+- `separator_ids` = [29892, 13]: the release embeds these ids, Llama's "," and "\n", between slices for every LLM,
+  Qwen2 included (llava/slice_process.py:11-12, llava/model/llava_arch.py:576-579), so a converted checkpoint keeps
+  those embedding rows - for Qwen2 they are other tokens than its own "," and "\n". `separators="tokenizer"` takes the
+  tokenizer's own tokens instead (not what the checkpoint was trained with).
+- `pre_resize_long_side` = 1024: the release's evaluation resizes the long side to 1024 before slicing
+  (llava/eval/model_vqa_loader.py:56-61; 1536 for TextVQA, none for AI2D and MMBench: pass
+  `pre_resize_long_side=multigran.pipelines.uhd.uhd_eval_pre_resize(task)` to the processor).
 """
 
 import json
@@ -36,7 +47,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..configuration import CLIP_L_336, MultiGranConfig
 from ..data.templates import inference_chat_template
-from ..pipelines.uhd import separator_token_ids
+from ..pipelines.uhd import EVAL_PRE_RESIZE_LONG_SIDE, RELEASE_SEPARATOR_IDS, separator_token_ids
 from ..processing import MultiGranImageProcessor, MultiGranProcessor
 from .avg_llava import _NOT_LLM
 from .common import (
@@ -55,7 +66,9 @@ logger = logging.getLogger(__name__)
 _NOT_LLM_UHD = _NOT_LLM + ("feature_", "single", "jbu_", "sft_", "model_mode", "slice_", "max_slice", "vdim_")
 
 _LLM_TYPES = {"llava_llama": "llama", "llava_qwen": "qwen2", "llava_qwen2": "qwen2"}
-JBU_STEPS = ("up1", "up2", "fixup_proj")  # the JBU4xStack's children
+JBU_STEPS = ("up1", "up2", "fixup_proj")  # the JBU4xStack's children (the JBU2xStack has no up2)
+SECOND_STEP = "visual.upsampler.up2."  # absent from the JBU2xStack of feature_scale_mask 2 and 3
+SEPARATOR_CHOICES = ("release", "tokenizer")
 # Release tensors under model.mm_projector. that no multigran module uses: the base resampler's single query set and
 # kv_proj, the 8x level, the FeatUp wrapper's duplicate frozen CLIP.
 UNUSED_PROJECTOR_NAMES = ("query", "feature_8x_embedding")
@@ -144,9 +157,40 @@ def _preview(keys, limit=8) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def config_from_release(release: dict, tokenizer, vision_config=None, feature_scale_mask=None) -> MultiGranConfig:
-    """The released LLaVA-UHD v2 config.json -> MultiGranConfig (method "uhd", compat on, separators from the
-    tokenizer)."""
+def release_separator_ids(tokenizer, vocab_size: int, where) -> list[int]:
+    """The release's hard-coded separator ids [29892, 13], checked against the LLM's embedding size; logs what these
+    rows are in this tokenizer when they are not its own "," and "\\n" (e.g. Qwen2)."""
+    ids = list(RELEASE_SEPARATOR_IDS)
+    if max(ids) >= vocab_size:
+        raise CheckpointMismatchError(
+            f"{where}: the release embeds the hard-coded Llama separator ids {ids} (',' and '\\n'; "
+            f"llava/slice_process.py:11-12) for every LLM, but this LLM's embedding has only {vocab_size} rows: not a "
+            "released checkpoint; convert with separators='tokenizer' to use the tokenizer's own ',' and '\\n'"
+        )
+    try:
+        own = separator_token_ids(tokenizer)
+    except ValueError:
+        own = None
+    if own == ids:
+        logger.info("%s: slice separators: embedding rows %s (',' and '\\n', as the release hard-codes)", where, ids)
+    else:
+        pieces = tokenizer.convert_ids_to_tokens(ids) if max(ids) < len(tokenizer) else "ids beyond its vocabulary"
+        logger.warning(
+            "%s: slice separators kept as the release: embedding rows %s (Llama's ',' and '\\n', hard-coded for every "
+            "LLM in llava/slice_process.py:11-12 and embedded at llava_arch.py:576-579), which this tokenizer reads "
+            "as %s; its own ',' and '\\n' are %s. The checkpoint was trained with these rows; "
+            "from_uhd_v2(..., separators='tokenizer') would use the tokenizer's own",
+            where, ids, pieces, own if own is not None else "not single tokens",
+        )
+    return ids
+
+
+def config_from_release(release: dict, tokenizer, vision_config=None, feature_scale_mask=None,
+                        separators: str = "release", where="release") -> MultiGranConfig:
+    """The released LLaVA-UHD v2 config.json -> MultiGranConfig (method "uhd", compat on, the release's evaluation
+    pre-resize 1024, the release's separator ids [29892, 13] or, with separators="tokenizer", the tokenizer's)."""
+    if separators not in SEPARATOR_CHOICES:
+        raise ValueError(f"separators must be one of {list(SEPARATOR_CHOICES)}, got {separators!r}")
     model_type = release.get("model_type")
     if model_type not in _LLM_TYPES:
         raise CheckpointMismatchError(
@@ -170,23 +214,33 @@ def config_from_release(release: dict, tokenizer, vision_config=None, feature_sc
         raise CheckpointMismatchError(
             f"feature_scale_mask {mask!r} is not supported: multigran implements the 1x/2x/4x levels (1..7), not 8x"
         )
+    if separators == "release":
+        separator_ids = release_separator_ids(tokenizer, text_config.vocab_size, where)
+    else:
+        separator_ids = separator_token_ids(tokenizer)
     return MultiGranConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
         method="uhd",
-        method_settings={"feature_scale_mask": mask, "compat": True, "separator_ids": separator_token_ids(tokenizer)},
+        method_settings={
+            "feature_scale_mask": mask, "compat": True, "pre_resize_long_side": EVAL_PRE_RESIZE_LONG_SIDE,
+            "separator_ids": separator_ids,
+        },
         vision_feature_layer=release.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default",
     )
 
 
-def from_uhd_v2(src_dir, dst_dir, jbu_ckpt=None, clip_dir=None, feature_scale_mask=None) -> Path:
+def from_uhd_v2(src_dir, dst_dir, jbu_ckpt=None, clip_dir=None, feature_scale_mask=None,
+                separators: str = "release") -> Path:
     """Converts a released LLaVA-UHD v2 directory (config, safetensors, tokenizer) into a multigran directory.
 
     jbu_ckpt: the stage-0 JBU checkpoint (`clip-large-jbu.ckpt`), needed when the directory has no JBU weights.
     clip_dir: a Hugging Face CLIP (vision) directory, needed when the release's config does not name CLIP-L/336 or its
         weights lack the vision tower (they are then taken from there).
     feature_scale_mask: overrides the release config's value (7 if absent; the Qwen2/13B releases use 5).
+    separators: "release" (default: the release's hard-coded ids 29892 and 13, what the checkpoint was trained with)
+        or "tokenizer" (the tokenizer's own "," and "\\n").
     Keys and shapes are checked before anything is written; unused release tensors are skipped with a logged note.
     """
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
@@ -201,7 +255,11 @@ def from_uhd_v2(src_dir, dst_dir, jbu_ckpt=None, clip_dir=None, feature_scale_ma
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    config = config_from_release(json.loads(config_path.read_text()), tokenizer, vision_config, feature_scale_mask)
+    config = config_from_release(json.loads(config_path.read_text()), tokenizer, vision_config, feature_scale_mask,
+                                 separators, where=str(src_dir))
+    logger.info("%s: evaluation pre-resize of the long side to %d before slicing, as the release's evaluation "
+                "(llava/eval/model_vqa_loader.py:56-61); per benchmark pass pre_resize_long_side=uhd_eval_pre_resize("
+                "task) to the processor (1536 TextVQA, None AI2D/MMBench)", src_dir, EVAL_PRE_RESIZE_LONG_SIDE)
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
     model = build_on_meta(config)
@@ -222,6 +280,13 @@ def from_uhd_v2(src_dir, dst_dir, jbu_ckpt=None, clip_dir=None, feature_scale_ma
         if kept:
             logger.info("%s already holds %d JBU tensors (fine-tuned in stage 2): kept; %s only fills missing ones",
                         src_dir, len(kept), jbu_ckpt)
+        if not any(key.startswith(SECOND_STEP) for key in expected):  # the 2x stack (masks 2, 3) has no up2
+            unused_jbu = sorted(key for key in jbu if key.startswith(SECOND_STEP))
+            if unused_jbu:  # as the release's load_state_dict(strict=False) (hubconf.py:166-169)
+                logger.info("%s: the 2x JBU stack of feature_scale_mask %d has no second step: %d up2 tensors of the "
+                            "stage-0 checkpoint left unused", jbu_ckpt, config.method_settings["feature_scale_mask"],
+                            len(unused_jbu))
+            jbu = {key: value for key, value in jbu.items() if not key.startswith(SECOND_STEP)}
         extra = {key: value for key, value in jbu.items() if key not in sources}
     missing_jbu = sorted(
         k for k in expected if k.startswith("visual.upsampler.") and k not in sources and k not in extra

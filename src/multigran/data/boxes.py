@@ -6,18 +6,33 @@ with absolute pixel xyxy in the ORIGINAL image. Video records are {"id", "frames
 (read and validated; the transforms apply per frame). Records are looked up by str(sample "id") in training and by
 "question_id" in evaluation. A JSON object {id: record} is accepted too (the release accepts both).
 
-`transform_boxes` maps a record to the 768x768 high-res canvas (spec mg-llava.md "Box pipeline", in this order):
+`transform_boxes` maps a record to the high-res canvas (768 x 768 in the release) in one of two orders.
+
+compat=True, the release (`mg_llava/module/mg_llava_dataset.py:76-160` with `mg_llava/dataset/utils.py:558-569,
+717-767`; evaluation `mg_llava/evaluation/mg_llava_proxy_eval_dataset.py:130-206`):
   1. shift for the centred square padding: + (max - min) // 2 to y if W > H, to x if H > W;
-  2. scale by 768 / max(W, H) and round (torch.round, half to even, in float32 as the release);
-  3. drop boxes lying entirely outside the canvas, clip the rest to [0, 768];
-  4. class-wise NMS at IoU 0.2;
-  5. if more than `max_boxes` remain: keep the top 20 per label (5 if max_boxes < 50), then a hard cap at max_boxes;
-  6. order by descending score; no box left -> one all-zero box (every image gets >= 1 object token).
-Differences from the release, on purpose: the cap in step 5 is a hard bound (the release's per-label cap can leave
-more than 100 boxes, and is absent for several benchmarks), and the output is always in descending-score order (the
-release groups boxes by label after the per-label cap). Degenerate zero-area boxes that touch the canvas are kept
-(the release's drop test only removes boxes entirely outside); boxes with x2 < x1 or y2 < y1 are rejected as
-malformed input (most likely [x, y, w, h] boxes), never silently dropped.
+  2. class-wise NMS at IoU 0.2 on these padded, unrounded, unclipped original-pixel boxes (float32);
+  3. the soft cap: only if more than `max_boxes` remain, the top 20 per label (5 if max_boxes < 50), the output then
+     grouped by label (labels in order of their best box); `one_per_label` (the release's "text within 50 tokens of
+     max_length" rule, training only) keeps the best box of each label, grouped the same way; max_boxes=None = no cap
+     (the evaluation default). The cap counts boxes that step 5 drops later;
+  4. scale by target / side, round (torch.round, half to even, float32);
+  5. centre crop: start = (int(side * (target / side)) - target) // 2, which is -1 for ~4-5 % of the sides (47, 94,
+     307, 613, 637, ...: the float product lands just below target): every box then moves by +1 px. Boxes entirely
+     outside the canvas are dropped, the rest clipped to [0, target].
+compat=False, corrected (the default):
+  1. the same padding shift; 2. scale and round; 3. drop boxes entirely outside, clip to [0, target] (no shift);
+  4. class-wise NMS at IoU 0.2 on the canvas boxes; 5. if more than `max_boxes` remain: the top 20 per label (5 if
+  max_boxes < 50), then a HARD cap at max_boxes; `one_per_label` keeps one box per label first;
+  6. descending score order.
+Both: no box left -> one all-zero box (every image gets >= 1 object token). Degenerate zero-area boxes that touch
+the canvas are kept (the release's drop test only removes boxes entirely outside); boxes with x2 < x1 or y2 < y1 are
+rejected as malformed input (most likely [x, y, w, h] boxes), never silently dropped (the release would keep them).
+Remaining compat deviations, both from the release's own nondeterminism: torchvision's `batched_nms` shifts each
+label's boxes by label_index * (max coordinate + 1) before a single NMS, in float32, with label indices from
+`set(labels)` (an order that changes with PYTHONHASHSEED), so IoUs within ~1e-4 of the threshold can flip from run to
+run there; here each label's IoUs are exact float32 (as the release for more than 1000 boxes). Equal scores keep
+their input order (torchvision's stable sort); the release's per-label `topk` leaves the order of equal scores open.
 """
 
 from __future__ import annotations
@@ -62,6 +77,8 @@ def check_detections(boxes, scores, labels, where: str = "boxes") -> tuple[torch
     num = boxes_t.shape[0]
     if num > MAX_BOXES_PER_RECORD:
         raise ValueError(f"{where}: {num} boxes, more than the limit of {MAX_BOXES_PER_RECORD} per image")
+    if labels is not None and (isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__iter__")):
+        raise ValueError(f"{where}: labels must be a list (one label per box), got {type(labels).__name__}")
     labels = list(labels) if labels is not None else None
     if labels is None or scores_t.dim() != 1 or len(scores_t) != num or len(labels) != num:
         raise ValueError(
@@ -97,47 +114,123 @@ def transform_boxes(
     iou_threshold: float = IOU_THRESHOLD,
     max_boxes: int | None = MAX_BOXES,
     where: str = "boxes",
+    compat: bool = False,
+    one_per_label: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Original-image detections -> (boxes (K, 4) float32 on the target canvas, scores (K,) float32, labels).
 
     image_size is the ORIGINAL (width, height) before square padding. K >= 1: with no box left the result is one
-    all-zero box with score 0.0 and label "". max_boxes=None disables the cap (release evaluation on some
-    benchmarks). See the module docstring for the steps.
+    all-zero box with score 0.0 and label "". compat: the release's order and soft cap, else the corrected order and
+    hard cap (module docstring). max_boxes=None disables the cap. one_per_label: keep one box per label (the release's
+    rule for a training text within 50 tokens of max_length).
     """
     boxes_t, scores_t, labels = check_detections(boxes, scores, labels, where)
     if len(image_size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_size):
         raise ValueError(f"{where}: image_size must be (width, height) positive ints, got {image_size!r}")
-    if max_boxes is not None and max_boxes < 1:
-        raise ValueError(f"max_boxes must be >= 1 or None, got {max_boxes}")
+    check_box_cap(max_boxes, compat, one_per_label)
     width, height = image_size
     side = max(width, height)
     # 1. centred square padding (in float64 like the release's Python-float arithmetic, then float32 like its tensors).
     pad_x, pad_y = (side - width) // 2, (side - height) // 2
-    boxes_t = boxes_t + torch.tensor([pad_x, pad_y, pad_x, pad_y], dtype=boxes_t.dtype)
-    # 2. scale + round.
-    canvas = torch.round(boxes_t.float() * (target / side))
-    # 3. drop boxes entirely outside, clip the rest.
-    inside = (canvas[:, 2] >= 0) & (canvas[:, 3] >= 0) & (canvas[:, 0] <= target) & (canvas[:, 1] <= target)
-    canvas, scores_f = canvas[inside].clamp(0, target), scores_t.float()[inside]
-    labels = [label for label, k in zip(labels, inside.tolist()) if k]
-    # 4. class-wise NMS; `keep` is in descending score order.
+    padded = (boxes_t + torch.tensor([pad_x, pad_y, pad_x, pad_y], dtype=boxes_t.dtype)).float()
+    scores_f = scores_t.float()
+    if compat:
+        keep = _class_wise_nms(padded, scores_f, labels, iou_threshold, torchvision_threshold=True)
+        keep = _release_cap(keep, labels, max_boxes, one_per_label)
+        canvas, inside = _scale_and_crop(padded[torch.tensor(keep, dtype=torch.long)], side, target, True)
+        keep = [i for i, k in zip(keep, inside.tolist()) if k]
+    else:
+        canvas, inside = _scale_and_crop(padded, side, target, release_shift=False)
+        candidates = inside.nonzero()[:, 0].tolist()
+        candidate_labels = [labels[i] for i in candidates]
+        kept = _class_wise_nms(canvas, scores_f[inside], candidate_labels, iou_threshold, torchvision_threshold=False)
+        kept = _hard_cap(kept, candidate_labels, max_boxes, one_per_label)
+        canvas, keep = canvas[torch.tensor(kept, dtype=torch.long)], [candidates[i] for i in kept]
+    if not keep:  # always at least one object token
+        return torch.zeros(1, 4), torch.zeros(1), [""]
+    return canvas, scores_f[torch.tensor(keep, dtype=torch.long)], [labels[i] for i in keep]
+
+
+def check_box_cap(max_boxes: int | None, compat: bool, one_per_label: bool = False) -> None:
+    """Refuses caps the release cannot run: limit_num == 50 defines no per-label cap
+    (`mg_llava_dataset.py:103-106`, UnboundLocalError at :117) and limit_num None with the near-max_length rule
+    compares len(scores) > None (TypeError at :109)."""
+    if max_boxes is not None and (isinstance(max_boxes, bool) or not isinstance(max_boxes, int) or max_boxes < 1):
+        raise ValueError(f"max_boxes must be a positive int or None, got {max_boxes!r}")
+    if compat and max_boxes == 50:
+        raise ValueError("max_boxes=50 in compat mode: the release defines its per-label cap only for limit_num > 50 "
+                         "(20) or < 50 (5) and fails at 50; use another value or compat=False")
+    if compat and max_boxes is None and one_per_label:
+        raise ValueError("max_boxes=None with the one-box-per-label rule (text_max_length) in compat mode: the release "
+                         "fails on this combination (len(scores) > None); set max_boxes or drop text_max_length")
+
+
+def _class_wise_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: list, iou_threshold: float,
+                    torchvision_threshold: bool) -> list[int]:
+    """Kept indices in descending score order (equal scores: input order), boxes of different labels never compete.
+
+    `batched_nms` compares the IoU with the threshold in the boxes' dtype (an IoU of 1/5 = 0.2f is not > 0.2f: kept).
+    torchvision_threshold: as torchvision's kernel, which compares its float32 IoU with the threshold as a double
+    (0.2f > 0.2: suppressed); the float32 just below 0.2f splits every float32 IoU the same way."""
     label_ids = {label: i for i, label in enumerate(dict.fromkeys(labels))}
-    keep = batched_nms(canvas, scores_f, torch.tensor([label_ids[x] for x in labels], dtype=torch.long), iou_threshold)
-    keep = keep.tolist()
-    # 5. per-label cap, then the hard cap.
+    ids = torch.tensor([label_ids[x] for x in labels], dtype=torch.long)
+    threshold = iou_threshold
+    rounded = torch.tensor(iou_threshold, dtype=boxes.dtype)
+    if torchvision_threshold and float(rounded) > iou_threshold:
+        threshold = float(torch.nextafter(rounded, torch.tensor(float("-inf"), dtype=boxes.dtype)))
+    return batched_nms(boxes, scores, ids, threshold).tolist()
+
+
+def _per_label(keep: list[int], labels: list, cap: int) -> dict:
+    """label -> its first `cap` indices of `keep` (score order), labels in order of their first (best) box."""
+    groups: dict = {}
+    for i in keep:
+        members = groups.setdefault(labels[i], [])
+        if len(members) < cap:
+            members.append(i)
+    return groups
+
+
+def _release_cap(keep: list[int], labels: list, max_boxes: int | None, one_per_label: bool) -> list[int]:
+    """`mg_llava_dataset.py:100-135` (per_category): only when more than max_boxes remain (or one_per_label), the best
+    20 per label (5 if max_boxes < 50; 1 with one_per_label), output grouped by label."""
+    if not keep or (max_boxes is None and not one_per_label):
+        return keep
+    if not one_per_label and len(keep) <= max_boxes:
+        return keep
+    cap = 1 if one_per_label else (PER_LABEL_CAP if max_boxes > 50 else PER_LABEL_CAP_SMALL)
+    return [i for members in _per_label(keep, labels, cap).values() for i in members]
+
+
+def _hard_cap(keep: list[int], labels: list, max_boxes: int | None, one_per_label: bool) -> list[int]:
+    """Corrected cap, order kept: one box per label if asked; past max_boxes the top 20 (5 if max_boxes < 50) per
+    label, then the best max_boxes."""
+    if one_per_label:
+        keep = _subset(keep, _per_label(keep, labels, 1))
     if max_boxes is not None and len(keep) > max_boxes:
         per_label = PER_LABEL_CAP if max_boxes >= 50 else PER_LABEL_CAP_SMALL
-        taken: dict = {}
-        capped = []
-        for i in keep:
-            taken[labels[i]] = taken.get(labels[i], 0) + 1
-            if taken[labels[i]] <= per_label:
-                capped.append(i)
-        keep = capped[:max_boxes]
-    if not keep:  # 6. always at least one object token
-        return torch.zeros(1, 4), torch.zeros(1), [""]
-    index = torch.tensor(keep, dtype=torch.long)
-    return canvas[index], scores_f[index], [labels[i] for i in keep]
+        keep = _subset(keep, _per_label(keep, labels, per_label))[:max_boxes]
+    return keep
+
+
+def _subset(keep: list[int], groups: dict) -> list[int]:
+    chosen = {i for members in groups.values() for i in members}
+    return [i for i in keep if i in chosen]
+
+
+def _scale_and_crop(boxes: torch.Tensor, side: int, target: int, release_shift: bool):
+    """Padded original-pixel boxes (K, 4) float32 -> (canvas boxes (K', 4) float32 for the boxes inside, inside (K,)).
+
+    Scale target / side and round in float32 (`utils.py:732-739`). release_shift: the centre-crop start of
+    `utils.py:742-747`, (int(side * scale) - target) // 2, is -1 when the float product falls below target: boxes
+    then move by +1 px. Boxes entirely outside [0, target] are dropped, the rest clipped (`utils.py:754-759`).
+    """
+    scale = target / side
+    canvas = torch.round(boxes * scale)
+    start = (int(side * scale) - target) // 2 if release_shift else 0
+    canvas = canvas - start
+    inside = (canvas[:, 2] >= 0) & (canvas[:, 3] >= 0) & (canvas[:, 0] <= target) & (canvas[:, 1] <= target)
+    return canvas[inside].clamp(0, target), inside
 
 
 # --- box files ----------------------------------------------------------------------------------------------------
@@ -169,19 +262,22 @@ def read_box_file(path: str | os.PathLike) -> dict[str, dict]:
 
     A later record with an id already seen replaces the earlier one (as the release's dict build), with a warning.
     """
+    from ..json_io import read_json_file
+
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    data = read_json_file(path)  # UTF-8, JSON syntax and nesting depth: errors name the file and line
     if isinstance(data, Mapping):  # {id: record}
         items = [(str(key), record, f"{path}, record id {str(key)!r}") for key, record in data.items()]
     elif isinstance(data, list):
         items = []
         for index, record in enumerate(data):
-            if not isinstance(record, Mapping) or record.get("id") is None:
+            if not isinstance(record, Mapping):
+                raise ValueError(f"{path}: record {index} must be a JSON object, got {type(record).__name__}")
+            if record.get("id") is None:
                 raise ValueError(f"{path}: record {index} has no 'id'")
+            if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)):
+                raise ValueError(f"{path}: record {index}: field 'id' must be a string or an integer, got "
+                                 f"{type(record['id']).__name__}")
             items.append((str(record["id"]), record, f"{path}, record id {str(record['id'])!r}"))
     else:
         raise ValueError(f"{path}: a box file must hold a JSON list of records, got {type(data).__name__}")
@@ -240,6 +336,7 @@ def _to_list(value):
 
 __all__ = [
     "check_detections",
+    "check_box_cap",
     "transform_boxes",
     "read_box_file",
     "write_box_file",

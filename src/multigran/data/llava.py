@@ -25,7 +25,6 @@ runtime ones are counted in the worker process that met them (and logged there).
 A `.json` file that is not valid JSON is an error in both modes (no record of it can be trusted).
 """
 
-import json
 import logging
 import math
 import os
@@ -38,7 +37,8 @@ import torch
 import yaml
 
 from ..image_io import ImageLoadError, load_image
-from .templates import ConversationError, encode_conversation, normalize_conversation
+from ..json_io import JsonFileError, parse_json, read_json_file, read_jsonl_lines, read_text
+from .templates import ConversationError, check_template_name, encode_conversation, normalize_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -105,33 +105,30 @@ class BadRecordLog:
 
 
 def read_json_records(source: Source, log: BadRecordLog) -> list[Record]:
-    """A .json list or a .jsonl file -> Records (bad JSONL lines reported and left out)."""
+    """A .json list or a .jsonl file -> Records (bad JSONL lines reported with their line number and left out)."""
     path = source.path
     if path.endswith(".jsonl"):
         records = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
+        for number, line, problem in read_jsonl_lines(path):
+            if problem is None:
                 try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as error:
-                    log.report(f"{path}, line {number}", f"not valid JSON ({error.msg}, column {error.colno})", "load")
-                    continue
-                records.append(Record(data, source, line=number, index=len(records)))
+                    data = parse_json(line, f"{path}, line {number}")
+                except JsonFileError as error:
+                    problem = str(error).removeprefix(f"{path}, line {number}: ")
+            if problem is not None:
+                log.report(f"{path}, line {number}", problem, "load")
+                continue
+            records.append(Record(data, source, line=number, index=len(records)))
         return records
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    data = read_json_file(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: a LLaVA data file holds a JSON list of records, got {type(data).__name__}")
     return [Record(item, source, index=index) for index, item in enumerate(data)]
 
 
-def read_image_folder(source: Source) -> list[Record]:
+def read_image_folder(source: Source, log: BadRecordLog | None = None) -> list[Record]:
     """Every image below the folder -> a record; a same-stem .txt file next to an image is its caption."""
+    log = log or BadRecordLog()
     root = Path(source.path)
     records = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
@@ -139,7 +136,11 @@ def read_image_folder(source: Source) -> list[Record]:
         turns = [{"from": "human", "value": "<image>"}]
         caption = path.with_suffix(".txt")
         if caption.is_file():
-            turns.append({"from": "gpt", "value": caption.read_text(encoding="utf-8").strip()})
+            try:
+                turns.append({"from": "gpt", "value": read_text(caption).strip()})
+            except JsonFileError as error:
+                log.report(f"{root}, record id {relative!r}", f"caption {error}", "load")
+                continue
         records.append(Record({"id": relative, "image": relative, "conversations": turns}, source, index=len(records)))
     if not records:
         raise ValueError(f"{root}: the image folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
@@ -185,11 +186,12 @@ def _load_box_file(path):
 
 
 def read_mixture(path: str, seed: int, image_folder, box_file, log: BadRecordLog) -> list[Record]:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            spec = yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML: {error}") from None
+    try:
+        spec = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
         raise ValueError(f"{path}: a data mixture is a YAML mapping with a non-empty 'datasets' list")
     folder = Path(path).parent
@@ -200,7 +202,10 @@ def read_mixture(path: str, seed: int, image_folder, box_file, log: BadRecordLog
             raise ValueError(f"{where}: each dataset needs a 'json_path'")
         unknown = set(entry) - {"json_path", "sampling_strategy", "image_folder", "box_file"}
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+            raise ValueError(f"{where}: unknown keys {sorted(map(str, unknown))}")
+        for key in ("json_path", "sampling_strategy", "image_folder", "box_file"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise ValueError(f"{where}: {key} must be a string, got {type(entry[key]).__name__} ({entry[key]!r})")
 
         def resolve(value):
             return None if value is None else str(folder / value) if not os.path.isabs(value) else value
@@ -217,7 +222,10 @@ def read_mixture(path: str, seed: int, image_folder, box_file, log: BadRecordLog
 def make_source(path, image_folder=None, box_file=None) -> Source:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"training data {path!r} does not exist")
+        raise FileNotFoundError(f"training data {path!r} does not exist (set data.path)")
+    if box_file and not os.path.isfile(box_file):
+        raise FileNotFoundError(f"box file {box_file!r} does not exist (set data.box_file to a box file written by "
+                                "`multigran detect`)")
     boxes = _load_box_file(box_file) if box_file else None
     return Source(path, image_folder=image_folder, box_records=boxes, box_file=box_file)
 
@@ -225,9 +233,11 @@ def make_source(path, image_folder=None, box_file=None) -> Source:
 def load_records(paths, image_folder=None, box_file=None, seed: int = 0, log: BadRecordLog | None = None):
     """One path or a list (JSON, JSONL, mixture YAML, image folder) -> raw Records (not yet checked)."""
     log = log or BadRecordLog()
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths) if isinstance(paths, (list, tuple)) else None
     if not paths:
-        raise ValueError("no training data given (data.path is empty)")
+        raise ValueError("no training data given (set data.path to a file, a list of files or an image folder)")
+    if not all(isinstance(path, (str, os.PathLike)) for path in paths):
+        raise ValueError(f"data.path must be a path or a list of paths, got {paths!r}")
     records = []
     for path in paths:
         path = os.fspath(path)
@@ -236,7 +246,7 @@ def load_records(paths, image_folder=None, box_file=None, seed: int = 0, log: Ba
                 raise FileNotFoundError(f"data mixture {path!r} does not exist")
             records += read_mixture(path, seed, image_folder, box_file, log)
         elif os.path.isdir(path):
-            records += read_image_folder(Source(path, image_folder=path, box_records=None))
+            records += read_image_folder(Source(path, image_folder=path, box_records=None), log)
         elif path.endswith((".json", ".jsonl")):
             records += read_json_records(make_source(path, image_folder, box_file), log)
         else:
@@ -253,8 +263,13 @@ def record_images(data: dict) -> list[str]:
         return []
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(item, str) and item for item in images):
-        raise ConversationError(f"'image' must be a path or a list of paths, got {image!r}")
+        raise ConversationError(f"field 'image' must be a path or a list of paths, got {_short(image)}")
     return images
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def image_path(record: Record, name: str) -> str:
@@ -268,7 +283,9 @@ def check_record(record: Record, image_token: str, require_answer: bool, check_f
     if not isinstance(data, dict):
         raise ConversationError(f"a record must be a JSON object, got {type(data).__name__}")
     if "conversations" not in data:
-        raise ConversationError("the record has no 'conversations'")
+        raise ConversationError("the record has no field 'conversations'")
+    if "id" in data and (isinstance(data["id"], bool) or not isinstance(data["id"], (str, int))):
+        raise ConversationError(f"field 'id' must be a string or an integer, got {_short(data['id'])}")
     turns = normalize_conversation(data["conversations"], require_answer=require_answer)
     images = record_images(data)
     placeholders = sum(turn.text.count(image_token) for turn in turns)
@@ -315,6 +332,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __init__(self, paths, processor, template: str = "vicuna_v1", image_folder=None, box_file=None,
                  max_length: int | None = None, on_bad_record: str = "skip", image_options: dict | None = None,
                  seed: int = 0, require_answer: bool = True):
+        check_template_name(template)
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"data.max_length must be a positive int (tokens) or null, got {max_length!r}")
+        if not isinstance(image_options or {}, dict):
+            raise ValueError(f"data.image_options must be a mapping of the method's image options, got {image_options!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = processor.image_token
@@ -397,6 +419,11 @@ class LlavaDataset(torch.utils.data.Dataset):
             if record.source.box_records is not None:
                 # One box record per sample (MG); the method's image step takes one per image.
                 options["boxes"] = [record.source.box_records[str(data["id"])]] * len(images)
+                # MG's text_max_length rule needs the text length with one token per image (the release's len).
+                options["text_length"] = len(encode_conversation(
+                    data["conversations"], self.tokenizer, self.template, [1] * len(images), self.image_token, None,
+                    self.require_answer,
+                )[0])
             try:
                 vision = dict(self.processor.image_processor.preprocess(images, **options))
             except ValueError as error:  # the image step rejects this input: a bad record, not a crash

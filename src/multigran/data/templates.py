@@ -65,20 +65,25 @@ def normalize_conversation(conversations, require_answer: bool = True) -> list[T
     Checks: a non-empty list; an optional leading system turn; then user and assistant turns alternating, starting
     with the user and (if `require_answer`) ending with the assistant; text values are strings.
     """
-    if not isinstance(conversations, list) or not conversations:
-        raise ConversationError("the conversation is empty (expected a non-empty list of turns)")
+    if not isinstance(conversations, list):
+        raise ConversationError(f"field 'conversations' must be a list of turns, got {type(conversations).__name__}")
+    if not conversations:
+        raise ConversationError("field 'conversations' is empty (expected a non-empty list of turns)")
     turns = []
     for index, turn in enumerate(conversations):
         if not isinstance(turn, dict):
             raise ConversationError(f"turn {index} is a {type(turn).__name__}, expected an object with 'from'/'value'")
         speaker = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
-        if speaker not in ROLES:
+        if isinstance(speaker, (list, dict)) or speaker not in ROLES:
             raise ConversationError(
-                f"turn {index} has role {speaker!r}; expected 'human' or 'gpt' (or 'system' first)"
+                f"turn {index} has role {str(speaker)[:40]!r} (field 'from'); expected 'human' or 'gpt' (or 'system' "
+                "first)"
             )
+        if text is None:
+            raise ConversationError(f"turn {index} has no field 'value' (its text)")
         if not isinstance(text, str):
-            raise ConversationError(f"turn {index} has a {type(text).__name__} value, expected a string")
+            raise ConversationError(f"turn {index} has a {type(text).__name__} value (field 'value'), expected a string")
         turns.append(Turn(ROLES[speaker], text))
     body = turns[1:] if turns[0].role == "system" else turns
     if not body:
@@ -205,9 +210,14 @@ def chat_template_segments(turns, tokenizer, image_token):
     messages = [{"role": turn.role, "content": turn.text} for turn in turns]
 
     def render(upto, generation_prompt):
-        return tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-        )
+        import jinja2
+
+        try:
+            return tokenizer.apply_chat_template(
+                messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except jinja2.TemplateError as error:  # a broken template, or one that refuses this conversation
+            raise ConversationError(f"the tokenizer's chat template failed: {type(error).__name__}: {error}") from None
 
     segments, done = [], ""
     for index, message in enumerate(messages):

@@ -1,7 +1,6 @@
 """Evaluation on LLaVA-format question files: greedy answers, exact-match accuracy per question type, visual tokens
 per image and prefill latency, for one visual setting (e.g. a fixed granularity or the router)."""
 
-import json
 import re
 import statistics
 import time
@@ -20,17 +19,40 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
+def exact_match(prediction: str, answer) -> bool:
+    """The prediction matches the answer, or any of a list of reference answers."""
+    answers = answer if isinstance(answer, list) else [answer]
+    return any(normalize_answer(prediction) == normalize_answer(a) for a in answers)
 
 
-def question_and_answer(record: dict, where: str) -> tuple[str, str]:
-    """The first human turn (with its `<image>` placeholders) and the first assistant turn of a LLaVA record."""
-    turns = record.get("conversations") or []
-    human = next((t["value"] for t in turns if t.get("from") == "human"), None)
-    answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
-    if human is None or answer is None:
-        raise ValueError(f"{where}: record {record.get('id')!r} needs a human and a gpt turn")
+def question_and_answer(record: dict, where: str) -> tuple[str, str | list[str] | None]:
+    """A record's question (with its `<image>` placeholders if it has them) and its reference answer(s).
+
+    Two formats: LLaVA training records (the first human and the first gpt turn of `conversations`) and LLaVA's
+    evaluation question files (`{"question_id", "image", "text"}`, with an optional `answer` / `answers`: a string
+    or a list of strings; without one the record is answered but not scored)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record should be a JSON object, got {type(record).__name__}")
+    name = record.get("id", record.get("question_id"))
+    if "conversations" not in record and isinstance(record.get("text"), str):
+        answer = record.get("answer", record.get("answers"))
+        if answer is not None and not (isinstance(answer, str) or (
+                isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))):
+            raise ValueError(f"{where}: record {name!r}: 'answer' should be a string or a list of strings")
+        return record["text"].strip(), (answer.strip() if isinstance(answer, str) else answer)
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise ValueError(f"{where}: record {name!r} needs 'conversations' (a list of turns) or 'text'")
+    human = next((t.get("value") for t in turns if t.get("from") == "human"), None)
+    answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
+    if not isinstance(human, str) or answer is None:
+        raise ValueError(f"{where}: record {name!r} needs a human and a gpt turn")
+    if isinstance(answer, list):
+        if not answer or not all(isinstance(a, str) for a in answer):
+            raise ValueError(f"{where}: record {name!r}: the gpt turn should be a string or a list of strings")
+        return human.strip(), [a.strip() for a in answer]
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}: record {name!r}: the gpt turn should be a string, got {type(answer).__name__}")
     return human.strip(), answer.strip()
 
 
@@ -69,7 +91,8 @@ def evaluate_records(model, processor, records, image_folder, *, where="records"
             images.append(load_image(image_folder / record["image"]) if record.get("image") else None)
         options = dict(processor_options)
         if boxes is not None:  # one entry per image
-            options["boxes"] = [boxes.get(str(r["id"])) for r, image in zip(batch, images) if image is not None]
+            options["boxes"] = [boxes.get(str(r.get("id", r.get("question_id")))) for r, image in zip(batch, images)
+                                if image is not None]
         prompts = [build_prompt(processor, q, int(image is not None)) for q, image in zip(questions, images)]
         inputs = processor(images=[im for im in images if im is not None] or None, text=prompts, **options)
         inputs = inputs.to(device)
@@ -80,8 +103,10 @@ def evaluate_records(model, processor, records, image_folder, *, where="records"
         placeholder = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
         image_index = 0
         for row, (record, answer, text) in enumerate(zip(batch, answers, texts)):
-            entry = {"id": record.get("id"), "question_type": record.get("question_type", "all"),
-                     "answer": answer, "prediction": text.strip(), "correct": exact_match(text, answer)}
+            entry = {"id": record.get("id", record.get("question_id")),
+                     "question_type": record.get("question_type", record.get("category", "all")),
+                     "answer": answer, "prediction": text.strip(),
+                     "correct": None if answer is None else exact_match(text, answer)}
             if "question_subtype" in record:
                 entry["question_subtype"] = record["question_subtype"]
             if images[row] is not None:
@@ -104,7 +129,7 @@ def measure_prefill(model, processor, records, image_folder, processor_options, 
         image = load_image(image_folder / record["image"]) if record.get("image") else None
         options = dict(processor_options)
         if boxes is not None and image is not None:
-            options["boxes"] = [boxes.get(str(record["id"]))]
+            options["boxes"] = [boxes.get(str(record.get("id", record.get("question_id"))))]
         inputs = processor(images=image, text=build_prompt(processor, question, int(image is not None)),
                            **options).to(model.device)
         with torch.inference_mode():
@@ -119,6 +144,7 @@ def measure_prefill(model, processor, records, image_folder, processor_options, 
 def summarize(predictions, prefill_seconds=None) -> dict:
     """Accuracy overall and per question type, mean visual tokens, the granularity distribution per type."""
     def accuracy(items):
+        items = [p for p in items if p.get("correct") is not None]  # records without an answer are not scored
         return 100.0 * sum(p["correct"] for p in items) / len(items) if items else None
 
     types = sorted({p["question_type"] for p in predictions})
@@ -151,15 +177,19 @@ def _counts(values) -> dict:
 
 
 def load_question_file(path) -> list[dict]:
-    """A LLaVA-format JSON list or JSONL file of records, with errors naming the file and line."""
+    """A LLaVA-format JSON list or JSONL file of records, with errors naming the file and line (nesting depth
+    bounded: a RecursionError never escapes)."""
+    from ..json_io import parse_json, read_json_file, read_jsonl_lines
+
     path = Path(path)
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, text, problem in read_jsonl_lines(path):
+            if problem:
+                raise ValueError(f"{path}: line {number}: {problem}")
+            records.append(parse_json(text, f"{path}: line {number}"))
+    else:
+        records = read_json_file(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records")
     return records

@@ -7,6 +7,7 @@ Facts and released-code quirks: shared/spec/avg-llava.md (reference: DeepLearnXM
 """
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,15 +16,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import parse_method_settings
-from .anyres import AnyResPipeline, anyres_step, pack_crops, tile_grid_shape, unpadded_extent
+from .anyres import (
+    PATCH_MERGES,
+    UNPAD_ROUNDINGS,
+    AnyResPipeline,
+    check_choice,
+    count_merged_tokens,
+    pack_crops,
+    preprocess_anyres,
+    unpadded_extent,
+)
 
 # Released AVG-LLaVA config (zhibinlan/AVG-LLaVA): `vis_token_granularity` and `filtered_text_num`.
 # The list order fixes the router's class index (0 = coarsest).
 DEFAULT_LEVEL_TOKENS = (36, 72, 144, 288, 576)
 DEFAULT_TOP_K = 32
-# Pool kernels (rows, cols) from the finest n x n grid, coarsest first: tokens n^2/16, n^2/8, n^2/4, n^2/2, n^2.
-# Alternating 1x2 and 2x1 average pools (the paper's description) compose to exactly these kernels.
-LEVEL_KERNELS = ((4, 4), (2, 4), (2, 2), (1, 2), (1, 1))
+# The default pyramid of an n x n grid, coarsest first: n^2/16, n^2/8, n^2/4, n^2/2, n^2 tokens per crop, which the
+# release pools with kernels (rows, cols) 4x4, 2x4, 2x2, 1x2, 1x1 (alternating 1x2 and 2x1 average pools compose to
+# exactly these: the paper's description).
+DEFAULT_LEVEL_DIVISORS = (16, 8, 4, 2, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -31,17 +42,59 @@ LEVEL_KERNELS = ((4, 4), (2, 4), (2, 2), (1, 2), (1, 1))
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def granularity_levels(grid: int) -> list[tuple[int, tuple[int, int], tuple[int, int]]]:
-    """The pyramid of an n x n patch grid: [(tokens, kernel (rows, cols), pooled grid (rows, cols))], coarsest first.
+def level_kernel(grid: int, tokens: int) -> tuple[int, int]:
+    """The release's pooling kernel (rows, cols) for `tokens` per crop of an n x n grid (`matryoshka_vis_token_process`,
+    release `llava/model/llava_arch.py:216-234`): 1x2 for n^2/2 tokens, 2x4 for n^2/8, else the square kernel
+    int(sqrt(n^2 / tokens))."""
+    patches = grid * grid
+    if tokens == patches / 2:
+        return 1, 2
+    if tokens == patches / 8:
+        return 2, 4
+    side = int(math.sqrt(patches / tokens))
+    return side, side
 
-    n = 24 (CLIP-L/336) gives 36/72/144/288/576 tokens on 6x6, 12x6, 12x12, 24x12, 24x24 grids.
+
+def _pooled_grid(grid: int, tokens: int):
+    """(kernel, pooled grid) when the release's kernel pools the n x n grid to exactly `tokens`, else None."""
+    kernel_rows, kernel_cols = level_kernel(grid, tokens)
+    if grid % kernel_rows or grid % kernel_cols or (grid // kernel_rows) * (grid // kernel_cols) != tokens:
+        return None
+    return (kernel_rows, kernel_cols), (grid // kernel_rows, grid // kernel_cols)
+
+
+def granularity_levels(grid: int, level_tokens=None) -> list[tuple[int, tuple[int, int], tuple[int, int]]]:
+    """The levels of an n x n patch grid: [(tokens, kernel (rows, cols), pooled grid (rows, cols))], in list order.
+
+    level_tokens: tokens per crop of each level, in the router's class order (the release's `vis_token_granularity`,
+    any list: `multimodal_router/builder.py:328-336`); None = the five-level pyramid, n = 24 (CLIP-L/336) giving
+    36/72/144/288/576 tokens on 6x6, 12x6, 12x12, 24x12, 24x24 grids. Each level is pooled with the release's kernel
+    (`level_kernel`); a level that kernel does not produce exactly (the release would pool it to another count, which
+    its router cannot hold) is refused: the levels of a grid are n^2/2, n^2/8 and (n/k)^2 for the divisors k of n.
     """
-    if not isinstance(grid, int) or grid <= 0 or grid % 4:
-        raise ValueError(f"granularity_levels: the patch grid side must be a positive multiple of 4, got {grid!r}")
+    if level_tokens is None:
+        if not isinstance(grid, int) or grid <= 0 or grid % 4:
+            raise ValueError(f"granularity_levels: the patch grid side must be a positive multiple of 4, got {grid!r}")
+        level_tokens = [grid * grid // divisor for divisor in DEFAULT_LEVEL_DIVISORS]
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid <= 0:
+        raise ValueError(f"granularity_levels: the patch grid side must be a positive integer, got {grid!r}")
+    level_tokens = list(level_tokens)
+    if not level_tokens:
+        raise ValueError("granularity levels: the list is empty; give at least one level (tokens per crop)")
     levels = []
-    for kernel_rows, kernel_cols in LEVEL_KERNELS:
-        rows, cols = grid // kernel_rows, grid // kernel_cols
-        levels.append((rows * cols, (kernel_rows, kernel_cols), (rows, cols)))
+    for tokens in level_tokens:
+        geometry = None
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens <= grid * grid:
+            geometry = _pooled_grid(grid, tokens)
+        if geometry is None:
+            possible = [t for t in range(1, grid * grid + 1) if _pooled_grid(grid, t) is not None]
+            raise ValueError(
+                f"granularity level {tokens!r} cannot be pooled from a {grid}x{grid} patch grid by the release's rule "
+                f"(llava_arch.py:216-234); the levels of this grid are {possible} tokens per crop"
+            )
+        levels.append((tokens, *geometry))
+    if len(set(level_tokens)) != len(level_tokens):
+        raise ValueError(f"granularity levels {level_tokens} repeat a level: each level must appear once")
     return levels
 
 
@@ -67,10 +120,12 @@ def pool_level(features: torch.Tensor, kernel) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2)
 
 
-def unpadded_extent_at_level(image_size, tile_grid, level_grid, compat: bool = True) -> tuple[int, int, int, int]:
+def unpadded_extent_at_level(image_size, tile_grid, level_grid, compat: bool = True,
+                             rounding: str = "hf") -> tuple[int, int, int, int]:
     """(top, bottom, left, right) bounds of the stitched token grid that hold the image, not its aspect padding.
 
     tile_grid: (rows, cols) of tiles; level_grid: (h, w) tokens per tile. The stitched grid is (rows*h, cols*w).
+    rounding: how unpad makes whole rows/cols of the scaled image side ("hf" or "truncate", see `UNPAD_ROUNDINGS`).
 
     compat (released code): LLaVA-NeXT's `unpad_image` on the stitched grid itself. It treats the token grid's aspect
     (cols*w)/(rows*h) as the image-canvas aspect, which only holds for square per-tile grids: at the 2:1 levels
@@ -85,9 +140,9 @@ def unpadded_extent_at_level(image_size, tile_grid, level_grid, compat: bool = T
     rows, cols = tile_grid
     h, w = level_grid
     if compat:
-        return unpadded_extent(image_size, rows * h, cols * w)
-    top, bottom, _, _ = unpadded_extent(image_size, rows * h, cols * h)
-    _, _, left, right = unpadded_extent(image_size, rows * w, cols * w)
+        return unpadded_extent(image_size, rows * h, cols * w, rounding)
+    top, bottom, _, _ = unpadded_extent(image_size, rows * h, cols * h, rounding)
+    _, _, left, right = unpadded_extent(image_size, rows * w, cols * w, rounding)
     return top, bottom, left, right
 
 
@@ -97,8 +152,10 @@ def merge_at_granularity(
     grid_pinpoints,
     tile_size: int,
     level_grid,
-    image_newline: torch.Tensor,
+    image_newline: torch.Tensor | None,
     compat: bool = True,
+    rounding: str = "hf",
+    merge: str = "spatial_unpad",
 ) -> torch.Tensor:
     """One image's pooled crops -> its visual-token sequence (LLaVA-NeXT `spatial_unpad` at one granularity).
 
@@ -106,7 +163,8 @@ def merge_at_granularity(
     same granularity g = h*w with `level_grid` = (h, w). image_size: (height, width) of the original image;
     grid_pinpoints in (height, width) order. Returns (g + H_u * (W_u + 1), D): the base crop flat, then the stitched
     and unpadded tile grid with `image_newline` appended to every row. A single crop (no tiles) gives its g tokens
-    and one newline, as Hugging Face's `pack_image_features` does.
+    and one newline, as Hugging Face's `pack_image_features` does. `merge` "spatial" / "flat" (release
+    `mm_patch_merge_type`): every crop's g tokens, no unpad and no newline (`image_newline` may then be None).
     """
     if crop_features.dim() != 3:
         raise ValueError(f"merge_at_granularity: crop_features must be (crops, g, D), got {tuple(crop_features.shape)}")
@@ -114,32 +172,33 @@ def merge_at_granularity(
     h, w = level_grid
     if h * w != tokens:
         raise ValueError(f"merge_at_granularity: level_grid {tuple(level_grid)} does not hold {tokens} tokens per crop")
-    if image_newline.shape != (dim,):
+    if merge == "spatial_unpad" and (image_newline is None or image_newline.shape != (dim,)):
         raise ValueError(
-            f"merge_at_granularity: image_newline must have shape ({dim},), got {tuple(image_newline.shape)}"
+            f"merge_at_granularity: image_newline must have shape ({dim},), got "
+            f"{None if image_newline is None else tuple(image_newline.shape)}"
         )
     return pack_crops(
         crop_features, image_size, grid_pinpoints, tile_size, image_newline, level_grid,
-        extent=lambda size, tiles, grid: unpadded_extent_at_level(size, tiles, grid, compat),
+        extent=functools.partial(unpadded_extent_at_level, compat=compat, rounding=rounding), merge=merge,
     )
 
 
 def count_tokens_at_granularity(
-    image_size, grid_pinpoints, tile_size: int, grid: int, level_index: int, compat: bool = True
+    image_size, grid_pinpoints, tile_size: int, grid: int, level_index: int, compat: bool = True,
+    rounding: str = "hf", merge: str = "spatial_unpad", level_tokens=None,
 ) -> int:
-    """Visual tokens of one image at pyramid level `level_index` (0 = coarsest), known before the forward pass.
+    """Visual tokens of one image at level `level_index` of `level_tokens` (None = the five-level pyramid; 0 =
+    coarsest), known before the forward pass.
 
-    Equals `len(merge_at_granularity(...))` for the same image. `grid_pinpoints=None` means a single crop (no tiles).
+    Equals `len(merge_at_granularity(...))` for the same image and settings. `grid_pinpoints=None` means a single crop
+    (no tiles).
     """
-    levels = granularity_levels(grid)
+    levels = granularity_levels(grid, level_tokens)
     if not 0 <= level_index < len(levels):
         raise ValueError(f"count_tokens_at_granularity: level_index {level_index} outside 0..{len(levels) - 1}")
-    tokens, _, level_grid = levels[level_index]
-    if grid_pinpoints is None:
-        return tokens + 1
-    tile_grid = tile_grid_shape(image_size, grid_pinpoints, tile_size)
-    top, bottom, left, right = unpadded_extent_at_level(image_size, tile_grid, level_grid, compat)
-    return tokens + (bottom - top) * (right - left + 1)
+    _, _, level_grid = levels[level_index]
+    extent = functools.partial(unpadded_extent_at_level, compat=compat, rounding=rounding)
+    return count_merged_tokens(image_size, grid_pinpoints, tile_size, level_grid, merge, extent)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,14 +206,19 @@ def count_tokens_at_granularity(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def select_instruction_tokens(input_ids, image_token_id: int, attention_mask=None, labels=None, ignore_index=-100):
+def select_instruction_tokens(input_ids, image_token_id: int, attention_mask=None, labels=None, ignore_index=-100,
+                              max_length: int | None = None):
     """Which prompt tokens the router's text filter sees, for one sample (all arguments (L,)).
 
     Returns (keep (L',) positions of input_ids that are not image placeholders, valid (L',) bool mask). Embed
     `input_ids[keep]` with the LLM's `embed_tokens` (no context) and pass them with `valid` to the filter.
     Inference (labels None): every attended prompt token is valid. Training (labels given): only attended tokens with
-    label == ignore_index (system prompt, user turns, role tokens); answers are excluded so the router never sees them.
-    Masked tokens stay in the sequence (as in the release): they are the filter's fill when fewer than k are valid.
+    label == ignore_index (system prompt, user turns, role tokens); answer tokens are not valid: they never outscore
+    an instruction token. Masked tokens (answers, padding) stay in the sequence, as in the release: when fewer than
+    k tokens are valid, the released filter fills its k slots with them (see `filter_instruction_tokens`), so in
+    compat mode a short instruction lets the router see answer embeddings during training.
+    max_length: keep only the first max_length tokens (the release cuts the router's text to the tokenizer's
+    model_max_length, `llava/model/llava_arch.py:199-202`).
     """
     if input_ids.dim() != 1:
         raise ValueError(f"select_instruction_tokens: input_ids must be one sample (L,), got {tuple(input_ids.shape)}")
@@ -162,17 +226,29 @@ def select_instruction_tokens(input_ids, image_token_id: int, attention_mask=Non
     if labels is not None:
         valid = valid & (labels == ignore_index)
     keep = (input_ids != image_token_id).nonzero().squeeze(1)
+    if max_length is not None:
+        keep = keep[:max_length]
     return keep, valid[keep]
 
 
 def filter_instruction_tokens(
-    base_visual: torch.Tensor, text_embeds: torch.Tensor, text_mask=None, top_k: int = DEFAULT_TOP_K
+    base_visual: torch.Tensor, text_embeds: torch.Tensor, text_mask=None, top_k: int = DEFAULT_TOP_K,
+    fill_with_masked: bool = True,
 ) -> torch.Tensor:
     """The k instruction tokens most similar to the image (no parameters): (n*n, D), (L, D), (L,) bool -> (k, D).
 
     Score of a text token = mean over the base crop's visual tokens of their cosine similarity with it (masked tokens
-    score -inf). Tokens come in score order. With fewer than k valid tokens the rest are the masked tokens (in position
-    order: a stable sort) and, when L < k, zero rows.
+    score -inf). Tokens come in score order, ties in position order (a stable sort).
+    Fewer than k valid tokens: fill_with_masked=True (the release, `multimodal_router/builder.py:291-311`) fills the
+    next slots with the masked tokens in position order (in training these are answer tokens and padding) and, when
+    L < k, zero rows; False (corrected) fills every slot past the valid tokens with zero rows, so the router never
+    sees a masked token.
+
+    Tie order: the release sorts with `torch.sort(descending=True)` (`builder.py:304`), whose CUDA kernel is a stable
+    merge/radix sort above 32 elements but a bitonic network (no defined order among ties) for 32 or fewer. The
+    stable order here is therefore the release's on CUDA whenever L > 32 (any prompt with a system message). For
+    L <= 32 every token is kept anyway (k = 32): only the order of tied tokens (repeated tokens, masked ones) may
+    differ from a given CUDA run, and with it the voter weight each of them gets.
     """
     if base_visual.dim() != 2 or text_embeds.dim() != 2 or base_visual.shape[1] != text_embeds.shape[1]:
         raise ValueError(
@@ -195,8 +271,11 @@ def filter_instruction_tokens(
         similarity = similarity.masked_fill(~text_mask.bool()[None], float("-inf"))
     scores = similarity.mean(dim=0)  # (L,)
     order = torch.sort(scores, descending=True, stable=True).indices[:top_k]
+    chosen = text_embeds[order]  # (min(L, k), D)
+    if not fill_with_masked and text_mask is not None:
+        chosen = torch.where(text_mask.bool()[order, None], chosen, 0.0)  # the masked fill becomes zero rows
     selected = text_embeds.new_zeros(top_k, text_embeds.shape[1])
-    selected[: order.numel()] = text_embeds[order]
+    selected[: order.numel()] = chosen
     return selected
 
 
@@ -209,8 +288,11 @@ class AvgRouter(nn.Module):
     Submodule names match the released checkpoint keys under `model.router.`.
 
     compat=True (released): the (crops, 1148, D) tensor enters the batch_first=False layer as (sequence=crops,
-    batch=1148), so self-attention runs ACROSS CROPS at each token position. compat=False: attention over each crop's
-    1148 tokens, the token-level fusion the paper describes.
+    batch=1148), so self-attention runs ACROSS CROPS at each token position, and a short instruction's free text slots
+    hold masked tokens (answers in training). compat=False: attention over each crop's 1148 tokens, the token-level
+    fusion the paper describes, and free text slots hold zero rows.
+    level_tokens: any list of levels (the release's `vis_token_granularity`, `multimodal_router/builder.py:328-336`):
+    one logit per level, the voter over sum(level_tokens) + top_k tokens.
     """
 
     def __init__(
@@ -242,22 +324,28 @@ class AvgRouter(nn.Module):
         if crop_features.dim() != 3:
             raise ValueError(f"AvgRouter: crop_features must be (crops, n*n, D), got {tuple(crop_features.shape)}")
         features = crop_features.to(self.voter.dtype)
-        levels = granularity_levels(math.isqrt(features.shape[1]))
-        if tuple(tokens for tokens, _, _ in levels) != self.level_tokens or levels[-1][0] != features.shape[1]:
+        grid = math.isqrt(features.shape[1])
+        try:
+            if grid * grid != features.shape[1]:
+                raise ValueError(f"{features.shape[1]} tokens are not a square patch grid")
+            levels = granularity_levels(grid, self.level_tokens)
+        except ValueError as error:
             raise ValueError(
-                f"AvgRouter: crops of {features.shape[1]} tokens give the pyramid {[t for t, _, _ in levels]}, "
-                f"but this router was built for {list(self.level_tokens)}"
-            )
-        text = filter_instruction_tokens(features[0], text_embeds.to(features), text_mask, self.top_k)  # (k, D)
+                f"AvgRouter: crops of {features.shape[1]} tokens cannot give the levels {list(self.level_tokens)} "
+                f"this router was built for ({error})"
+            ) from None
+        text = filter_instruction_tokens(
+            features[0], text_embeds.to(features), text_mask, self.top_k, fill_with_masked=self.compat
+        )  # (k, D)
         crops = features.shape[0]
         sequence = torch.cat(
             [pool_level(features, kernel) for _, kernel, _ in levels] + [text.expand(crops, -1, -1)], dim=1
-        )  # (crops, 1148, D)
+        )  # (crops, sum(levels) + k, D)
         if self.compat:
             fused = self.merger(sequence)  # read as (sequence=crops, batch=1148, D): attention across crops
         else:
             fused = self.merger(sequence.transpose(0, 1)).transpose(0, 1)  # attention across each crop's tokens
-        token_logits = self.router(fused)  # (crops, 1148, levels)
+        token_logits = self.router(fused)  # (crops, sum(levels) + k, levels)
         return torch.einsum("ctl,t->cl", token_logits, self.voter[:, 0])
 
     def forward(self, crop_features: torch.Tensor, text_embeds: torch.Tensor, text_mask=None) -> torch.Tensor:
@@ -309,6 +397,11 @@ def choose_granularity(
         raise ValueError(f"choose_granularity: logits {tuple(logits.shape)} do not match {len(levels)} levels")
     probs = scores.softmax(dim=-1)
     scores = scores.log_softmax(dim=-1)
+    if isinstance(granularity_bias, bool) or not isinstance(granularity_bias, (int, float)) or not math.isfinite(granularity_bias):
+        raise ValueError(f"granularity_bias must be a finite number (nats per 1000 visual tokens), got {granularity_bias!r}")
+    if max_visual_tokens is not None and (isinstance(max_visual_tokens, bool) or not isinstance(max_visual_tokens, int)
+                                          or max_visual_tokens < 1):
+        raise ValueError(f"max_visual_tokens must be a positive int (visual tokens per image), got {max_visual_tokens!r}")
     if (max_visual_tokens is not None or granularity_bias) and token_counts is None:
         raise ValueError("choose_granularity: max_visual_tokens and granularity_bias need token_counts per level")
     if token_counts is not None:
@@ -343,15 +436,22 @@ AUTO = "auto"
 
 @dataclass
 class AvgSettings:
-    """`method_settings` of method "avg" (the levels themselves follow from the tower's patch grid).
+    """`method_settings` of method "avg".
 
     granularity: the default knob, "auto" (the router decides per image) or a fixed number of tokens per crop.
-    compat: released behaviour (unpad quirk at the 2:1 levels, router attention across crops); False = corrected.
+    compat: released behaviour (unpad quirk at the 2:1 levels, router attention across crops, masked tokens filling
+        the router's free text slots); False = corrected.
     use_router: False for checkpoints without a router (AVG-LLaVA stage 3): only fixed granularities then.
     top_k: instruction tokens kept by the router's text filter (released `filtered_text_num`).
     max_visual_tokens: auto mode only: the most probable level whose visual tokens (per image) fit this budget.
     granularity_bias: auto mode only: a cost in nats per 1000 visual tokens subtracted from the router's
         log-probabilities; > 0 trades accuracy for speed without retraining.
+    levels: tokens per crop of each level, in the router's class order (released `vis_token_granularity`, any list the
+        release's pooling can produce, e.g. [1, 9, 36, 144, 576]); None = the five-level pyramid of the patch grid.
+    unpad_rounding: "truncate" (the original LLaVA code's `int()`, as the release) or "hf" (transformers'
+        `int(round(x, 7))`); None = "truncate" when compat, else "hf". Converters set it explicitly.
+    patch_merge: the release's `mm_patch_merge_type`: "spatial_unpad" (AVG-LLaVA), "spatial" or "flat" (no unpad, no
+        newline). "flat" has no router: the release never routes flat features (`llava_arch.py:258-259`).
     """
 
     granularity: str | int = AUTO
@@ -360,24 +460,54 @@ class AvgSettings:
     top_k: int = DEFAULT_TOP_K
     max_visual_tokens: int | None = None
     granularity_bias: float = 0.0
+    levels: list[int] | None = None
+    unpad_rounding: str | None = None
+    patch_merge: str = "spatial_unpad"
+
+    def __post_init__(self):
+        if self.unpad_rounding is None:
+            self.unpad_rounding = "truncate" if self.compat else "hf"
+        check_choice("unpad_rounding", self.unpad_rounding, UNPAD_ROUNDINGS)
+        check_choice("patch_merge", self.patch_merge, PATCH_MERGES)
+        if self.levels is not None:
+            if not isinstance(self.levels, (list, tuple)):
+                raise ValueError(f"method_settings.levels must be a list of tokens per crop, got {self.levels!r}")
+            self.levels = list(self.levels)
+        if self.patch_merge == "flat" and self.use_router:
+            raise ValueError("method_settings.patch_merge='flat' needs use_router=False: the release never runs its "
+                             "router on flat features (llava/model/llava_arch.py:258-259), so a flat model has fixed "
+                             "granularities only")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(f"method_settings.top_k must be a positive integer, got {self.top_k!r}")
+
+    def level_geometry(self, grid: int):
+        """The levels of this model for an n x n patch grid (see `granularity_levels`), checked for the router: the
+        release's router needs its last level to be the largest (`builder.py:398-401` adds every level into a
+        buffer the size of the last one)."""
+        levels = granularity_levels(grid, self.levels)
+        tokens = [t for t, _, _ in levels]
+        if self.use_router and tokens[-1] != max(tokens):
+            raise ValueError(f"method_settings.levels {tokens}: with a router the last level must be the largest (the "
+                             "release's router fails otherwise, multimodal_router/builder.py:398-401)")
+        return levels
 
 
 def resolve_granularities(granularity, levels, n_images: int, use_router: bool = True) -> list[int]:
     """User knob -> one value per image: tokens per crop of a level, or 0 for "auto". Clear errors otherwise."""
     values = list(granularity) if isinstance(granularity, (list, tuple)) else [granularity] * n_images
     if len(values) != n_images:
-        raise ValueError(f"got {len(values)} granularities for {n_images} images")
+        raise ValueError(f"granularity: got {len(values)} values for {n_images} image(s) (one per image, or one for all)")
     resolved = []
     for value in values:
-        if value == AUTO or value == 0:
+        if value == AUTO:
             if not use_router:
                 raise ValueError("granularity='auto' needs a router, and this model has none (use_router=False): "
                                  f"pick a fixed granularity from {list(levels)}")
             resolved.append(0)
             continue
-        try:
-            tokens = int(value)
-        except (TypeError, ValueError):
+        try:  # an int, or its decimal string; never a bool or a fractional number
+            tokens = None if isinstance(value, bool) or value != value or int(value) != float(value) else int(value)
+        except (TypeError, ValueError, OverflowError):
             tokens = None
         if tokens not in levels:
             raise ValueError(f"granularity {value!r} is not one of this model's levels {list(levels)} (tokens per "
@@ -390,16 +520,18 @@ def avg_step(image_processor, images, granularity=None) -> dict:
     """Processor step: AnyRes preprocessing; each image's placeholder count at its granularity (1 when "auto":
     the model expands it to the router's choice, so no padding is left in the sequence)."""
     settings = parse_method_settings(AvgSettings, image_processor)
-    out = anyres_step(image_processor, images)
+    out = preprocess_anyres(image_processor, images)
     tile = image_processor.crop_size.height
     grid = tile // image_processor.patch_size
-    levels = [tokens for tokens, _, _ in granularity_levels(grid)]
+    levels = [tokens for tokens, _, _ in settings.level_geometry(grid)]
     chosen = resolve_granularities(
         settings.granularity if granularity is None else granularity, levels, len(images), settings.use_router
     )
     pinpoints = image_processor.image_grid_pinpoints
     out["image_token_counts"] = [
-        1 if g == 0 else count_tokens_at_granularity(size, pinpoints, tile, grid, levels.index(g), settings.compat)
+        1 if g == 0 else count_tokens_at_granularity(
+            size, pinpoints, tile, grid, levels.index(g), settings.compat, settings.unpad_rounding,
+            settings.patch_merge, levels)
         for g, size in zip(chosen, out["image_sizes"].tolist())
     ]
     out["image_granularity"] = torch.tensor(chosen, dtype=torch.long)
@@ -429,11 +561,12 @@ class AvgPipeline(AnyResPipeline):
 
     def __init__(self, config):
         self.avg = parse_method_settings(AvgSettings, config)
-        config_for_anyres = copy.copy(config)
-        config_for_anyres.method_settings = {}
+        config_for_anyres = copy.copy(config)  # the merge settings AnyRes shares; the rest are AVG's
+        config_for_anyres.method_settings = {"unpad_rounding": self.avg.unpad_rounding,
+                                             "patch_merge": self.avg.patch_merge}
         super().__init__(config_for_anyres)
         self.image_token_id = config.image_token_id
-        self.levels = granularity_levels(self.grid)
+        self.levels = self.avg.level_geometry(self.grid)
         self.level_tokens = [tokens for tokens, _, _ in self.levels]
         resolve_granularities(self.avg.granularity, self.level_tokens, 1, self.avg.use_router)  # validate the default
         if self.avg.use_router:
@@ -442,37 +575,43 @@ class AvgPipeline(AnyResPipeline):
     def count_at(self, image_size, granularity: int) -> int:
         index = self.level_tokens.index(granularity)
         return count_tokens_at_granularity(
-            image_size, self.grid_pinpoints, self.tile_size, self.grid, index, self.avg.compat
+            image_size, self.grid_pinpoints, self.tile_size, self.grid, index, self.avg.compat,
+            self.avg.unpad_rounding, self.avg.patch_merge, self.level_tokens,
         )
 
     def requested(self, image_granularity, n_images) -> list[int]:
         if image_granularity is None:
             return resolve_granularities(self.avg.granularity, self.level_tokens, n_images, self.avg.use_router)
-        values = image_granularity.tolist() if torch.is_tensor(image_granularity) else image_granularity
+        values = image_granularity.tolist() if torch.is_tensor(image_granularity) else list(image_granularity)
+        values = [AUTO if value == 0 else value for value in values]  # 0: the processor's "auto"
         return resolve_granularities(values, self.level_tokens, n_images, self.avg.use_router)
 
     def placeholder_counts(self, image_sizes, image_granularity=None, **unused) -> list[int]:
         sizes = image_sizes.tolist()
         return [1 if g == 0 else self.count_at(s, g) for g, s in zip(self.requested(image_granularity, len(sizes)), sizes)]
 
-    def instruction(self, row: int, input_ids, inputs_embeds, attention_mask, labels):
+    def instruction(self, row: int, input_ids, inputs_embeds, attention_mask, labels, max_length=None):
         """One prompt's instruction embeddings (image placeholders removed) and the router's valid-token mask."""
         keep, valid = select_instruction_tokens(
             input_ids[row], self.image_token_id,
             None if attention_mask is None else attention_mask[row], None if labels is None else labels[row],
+            max_length=max_length,
         )
         return inputs_embeds[row, keep], valid
 
-    def route(self, crops, owners, input_ids, inputs_embeds, attention_mask=None, labels=None) -> torch.Tensor:
-        """Router logits (images, levels) for the given images' crops; each image reads its own prompt's instruction."""
-        texts, masks = zip(*(self.instruction(r, input_ids, inputs_embeds, attention_mask, labels) for r in owners))
+    def route(self, crops, owners, input_ids, inputs_embeds, attention_mask=None, labels=None,
+              max_length=None) -> torch.Tensor:
+        """Router logits (images, levels) for the given images' crops; each image reads its own prompt's instruction
+        (its first `max_length` text tokens when given, as the release's training does)."""
+        texts, masks = zip(*(self.instruction(r, input_ids, inputs_embeds, attention_mask, labels, max_length)
+                             for r in owners))
         return self.router.route_images(list(crops), list(texts), list(masks))
 
     def merge(self, crops: torch.Tensor, image_size, granularity: int) -> torch.Tensor:
         _, kernel, level_grid = self.levels[self.level_tokens.index(granularity)]
         return merge_at_granularity(
             pool_level(crops, kernel), image_size, self.grid_pinpoints, self.tile_size, level_grid,
-            self.image_newline, self.avg.compat,
+            self.image_newline, self.avg.compat, self.avg.unpad_rounding, self.avg.patch_merge,
         )
 
     def forward(self, vision_tower, pixel_values, image_sizes, image_granularity=None, max_visual_tokens=None,

@@ -11,6 +11,8 @@ Module names follow the release checkpoint keys (`projector.model.0`, `bbox_proj
 Method "mg" (bottom of the file): `MgSettings` (method_settings), the processor step `mg_step` (images + boxes ->
 pixel_values, pixel_values_aux, boxes, box_counts, token counts) and `MgPipeline` (the model's `visual` module).
 Per image the LLM receives [grid^2 fused image tokens][K object tokens], K = boxes kept for that image (>= 1).
+`compat` (MgSettings) switches the box pipeline (multigran.data.boxes) and the ConvNeXt's training-time stochastic
+depth to the release's; the model computation is the same in both modes.
 """
 
 from __future__ import annotations
@@ -32,8 +34,16 @@ from torch import nn
 from transformers import ConvNextConfig, ConvNextModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from multigran.checkpointing import checkpointed
 from multigran.configuration import parse_method_settings
-from multigran.data.boxes import HIGH_RES_SIZE, IOU_THRESHOLD, MAX_BOXES, read_box_file, transform_boxes
+from multigran.data.boxes import (
+    HIGH_RES_SIZE,
+    IOU_THRESHOLD,
+    MAX_BOXES,
+    check_box_cap,
+    read_box_file,
+    transform_boxes,
+)
 from multigran.ops.roi_align import roi_align_mean
 from multigran.pipelines.anyres import check_crop_geometry
 from multigran.vision import select_vision_features
@@ -44,6 +54,9 @@ logger = logging.getLogger(__name__)
 # Release defaults (MGLLaVADataset / MultiFuseObjectLLaVAModel); the 768 high-res side is data.boxes.HIGH_RES_SIZE.
 LOW_RES_SIZE = 336  # CLIP ViT-L/14-336 crop size
 BOX_FEATURE_SIZE = 56  # RoIAlign output size (box_feat_size default for the multi-stage map)
+RELEASE_DROP_PATH = 0.1  # OpenCLIP convnext_large_d_320.json timm_drop_path, active in the release's training
+# `mg_llava_dataset.py:95`: a text of at least max_length - 50 tokens keeps one box per label.
+NEAR_MAX_LENGTH_MARGIN = 50
 
 
 # --- preprocessing ------------------------------------------------------------------------------------------------
@@ -159,8 +172,13 @@ class ConvGateFusion(nn.Module):
             nn.init.zeros_(proj.weight)
             nn.init.zeros_(proj.bias)
 
+    gradient_checkpointing = False  # set by gradient_checkpointing_enable()
+
     def forward(self, low_res_feat: torch.Tensor, high_res_feat: torch.Tensor) -> torch.Tensor:
         """low_res_feat (B, N = s*s, low_res_dim), high_res_feat (B, high_res_dim, h, w) -> (B, N, low_res_dim)."""
+        return checkpointed(self, self._forward, low_res_feat, high_res_feat)
+
+    def _forward(self, low_res_feat: torch.Tensor, high_res_feat: torch.Tensor) -> torch.Tensor:
         if low_res_feat.dim() != 3 or low_res_feat.shape[-1] != self.low_res_dim:
             raise ValueError(f"low_res_feat must be (B, N, {self.low_res_dim}); got {tuple(low_res_feat.shape)}")
         if high_res_feat.dim() != 4 or high_res_feat.shape[1] != self.high_res_dim:
@@ -264,31 +282,60 @@ class MgSettings:
     The low-res (CLIP) side is not a setting: it is the vision tower's `image_size` (336 for CLIP ViT-L/14-336),
     and the feature layer / CLS handling are the config's `vision_feature_layer` / `vision_feature_select_strategy`.
 
+    compat: the release's box pipeline (`multigran.data.boxes`: NMS on the padded original-pixel boxes, then the soft
+        per-label cap grouped by label, then scale / round / crop with its +1 px shift for some image sides) and its
+        stochastic depth in the frozen ConvNeXt. Off (the default): the corrected pipeline (scale / round / crop, NMS,
+        hard cap, score order). Converted release checkpoints have it on.
     high_res: side of the square high-res canvas: ConvNeXt input and box coordinate frame (release image_size_aux).
     convnext_config: the high-res tower's ConvNeXt config as keyword overrides of `convnext_large_d_320_config()`
-        (None = OpenCLIP convnext_large_d_320 itself; a complete Hugging Face ConvNext config dict works too).
-    max_boxes: HARD bound on object tokens per image (release limit_num = 100, a soft cap there); after class-wise
-        NMS, more boxes than this -> top 20 per label (5 if max_boxes < 50), then the best max_boxes by score.
+        (None = OpenCLIP convnext_large_d_320 itself; a complete Hugging Face ConvNext config dict works too;
+        its stochastic depth is `hires_drop_path`, not `drop_path_rate`).
+    max_boxes: the box cap after class-wise NMS (release limit_num = 100); None = no cap (the default of the release's
+        `MGLLaVAProxyEvalDataset`, which its configs keep for VQAv2, LLaVA-Bench, MM-Vet, MathVista and MMVP; they pass
+        100 for the other benchmarks and for training). Corrected: a HARD bound: more boxes -> top 20 per label
+        (5 if max_boxes < 50), then the best max_boxes by score. compat: the release's soft cap: top 20 per label
+        (5 if max_boxes < 50) only, which can leave more than max_boxes; 50 is refused (the release fails there).
+    text_max_length: the release's text budget (its max_length, 2048 - 576 = 1472 in every release config) for its
+        rule "a training text within 50 tokens of max_length keeps one box per label" (`mg_llava_dataset.py:94-109`);
+        None = no such rule. Applies where the sample's text length is known (training data, `text_length` option).
+    hires_drop_path: stochastic-depth rate of the frozen ConvNeXt (rates rise linearly to it over the blocks, as timm),
+        active only in training mode: the release builds OpenCLIP convnext_large_d_320 with timm_drop_path 0.1 and
+        never puts it in eval mode (`openclip_encoder.py:60`), so its training saw randomly dropped blocks. None = the
+        mode's default: 0.1 with compat, 0.0 (a deterministic frozen tower) without. Evaluation is never stochastic.
     nms_iou: IoU threshold of the class-wise NMS (release iou_threshold).
     grid_mismatch: what the Conv-Gate does when the ConvNeXt last stage and the CLIP token grid differ
         ("resample" the high-res map bilinearly, or "error"); the release needs high_res / 32 == 336 / 14.
     roi_output_size: RoIAlign output side before the mean (release box_feat_size).
     """
 
+    compat: bool = False
     high_res: int = HIGH_RES_SIZE
     convnext_config: dict | None = None
-    max_boxes: int = MAX_BOXES
+    max_boxes: int | None = MAX_BOXES
+    text_max_length: int | None = None
+    hires_drop_path: float | None = None
     nms_iou: float = IOU_THRESHOLD
     grid_mismatch: str = "resample"
     roi_output_size: int = BOX_FEATURE_SIZE
 
     def __post_init__(self):
-        for name in ("high_res", "max_boxes", "roi_output_size"):
+        if not isinstance(self.compat, bool):
+            raise ValueError(f"mg method_settings: compat must be true or false, got {self.compat!r}")
+        for name in ("high_res", "max_boxes", "text_max_length", "roi_output_size"):
             value = getattr(self, name)
+            if value is None and name in ("max_boxes", "text_max_length"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"mg method_settings: {name} must be a positive int, got {value!r}")
+        try:
+            check_box_cap(self.max_boxes, self.compat, one_per_label=self.text_max_length is not None)
+        except ValueError as error:
+            raise ValueError(f"mg method_settings: {error}") from None
         if isinstance(self.nms_iou, bool) or not isinstance(self.nms_iou, (int, float)) or not 0 <= self.nms_iou <= 1:
             raise ValueError(f"mg method_settings: nms_iou must be a number in [0, 1], got {self.nms_iou!r}")
+        drop = self.hires_drop_path
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1):
+            raise ValueError(f"mg method_settings: hires_drop_path must be a number in [0, 1) or null, got {drop!r}")
         if self.grid_mismatch not in ("resample", "error"):
             raise ValueError(
                 f"mg method_settings: grid_mismatch must be 'resample' or 'error', got {self.grid_mismatch!r}"
@@ -297,9 +344,20 @@ class MgSettings:
             raise ValueError(
                 f"mg method_settings: convnext_config must be a dict, got {type(self.convnext_config).__name__}"
             )
+        if self.convnext_config is not None and self.convnext_config.get("drop_path_rate", 0.0) not in (0, 0.0, None):
+            raise ValueError("mg method_settings: set the ConvNeXt's stochastic depth with hires_drop_path, not "
+                             "convnext_config.drop_path_rate")
+
+    @property
+    def drop_path_rate(self) -> float:
+        """The ConvNeXt's stochastic-depth rate: hires_drop_path, or the mode's default (release 0.1 in compat)."""
+        if self.hires_drop_path is not None:
+            return float(self.hires_drop_path)
+        return RELEASE_DROP_PATH if self.compat else 0.0
 
     def hires_config(self) -> ConvNextConfig:
-        return convnext_large_d_320_config(**dict(self.convnext_config or {}))
+        overrides = {**dict(self.convnext_config or {}), "drop_path_rate": self.drop_path_rate}
+        return convnext_large_d_320_config(**overrides)
 
 
 def mg_settings(method_settings: Mapping | None) -> MgSettings:
@@ -314,7 +372,8 @@ def mg_settings(method_settings: Mapping | None) -> MgSettings:
 #   - a record {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]} (a box-file record, e.g.
 #     `read_box_file(path)[id]`): the release's load-time pipeline, class-wise NMS included;
 #   - boxes alone: a (K, 4) list / numpy array / tensor of [x1, y1, x2, y2]: taken as given (scores 1, one label per
-#     box, so NMS never drops one of them; order kept; the max_boxes cap keeps the first ones);
+#     box, so NMS never drops one of them; order kept; the max_boxes cap keeps the first ones -- in compat mode its
+#     per-label cap never drops one, as the release with one label per box);
 #   - a string: a box-file path or JSON text (a record or a list of boxes). A box file must hold exactly one record,
 #     unless the image names are known (`read_box_argument(text, image_paths)`, as `multigran generate --boxes`
 #     does): then each image takes the record whose id is its file stem (or file name).
@@ -436,19 +495,25 @@ def _detections(entry, where: str):
 # --- method "mg": processor step -----------------------------------------------------------------------------------
 
 
-def mg_step(image_processor, images, boxes=None) -> dict:
+def mg_step(image_processor, images, boxes=None, text_length=None) -> dict:
     """MG-LLaVA preprocessing of RGB images and their object boxes.
 
     Returns pixel_values (images, 3, low, low) (low = the CLIP crop size), pixel_values_aux (images, 3, high, high),
     image_sizes (images, 2) original (height, width), boxes (images, max_K, 4) float32 on the high-res canvas, zero
     padded, box_counts (images,) long, and image_token_counts = grid^2 + K_i (the object tokens count in the prompt
     and in the context budget). `boxes`: see `boxes_per_image` (one entry per image, original-image pixels).
+    `text_length`: the sample's text tokens with one token per image placeholder (as the release's len(input_ids));
+    with the `text_max_length` setting, a text of at least text_max_length - 50 tokens keeps one box per label.
     """
     settings = mg_settings(image_processor.method_settings)
     low_res = image_processor.crop_size.height
     grid = low_res // image_processor.patch_size
     mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     entries = boxes_per_image(boxes, len(images))
+    if text_length is not None and (isinstance(text_length, bool) or not isinstance(text_length, int)):
+        raise ValueError(f"text_length must be an int (text tokens of the sample), got {text_length!r}")
+    near_max_length = (settings.text_max_length is not None and text_length is not None
+                       and text_length >= settings.text_max_length - NEAR_MAX_LENGTH_MARGIN)
     low, high, sizes, canvas_boxes = [], [], [], []
     for index, (image, entry) in enumerate(zip(images, entries)):
         low_i, high_i, pad_info = preprocess_mg_image(image, settings.high_res, low_res, mean, std)
@@ -458,7 +523,8 @@ def mg_step(image_processor, images, boxes=None) -> dict:
         where = f"boxes of image {index}"
         kept, _, _ = transform_boxes(
             *_detections(entry, where), (pad_info.original_width, pad_info.original_height), target=settings.high_res,
-            iou_threshold=settings.nms_iou, max_boxes=settings.max_boxes, where=where,
+            iou_threshold=settings.nms_iou, max_boxes=settings.max_boxes, where=where, compat=settings.compat,
+            one_per_label=near_max_length,
         )
         canvas_boxes.append(kept)  # (K_i, 4), K_i >= 1
     counts = [len(b) for b in canvas_boxes]

@@ -21,7 +21,10 @@ raster order. Total 145*N + 144 tokens; without slicing only the overview's 144 
 
 The method ("uhd", bottom of this file): `UhdSettings`, the processor step `uhd_step` and the model-side `UhdPipeline`
 (variable-resolution ViT -> JBU feature pyramid `visual.upsampler` -> hierarchical window attention
-`visual.mm_projector` -> token organisation with the LLM's own separator embeddings).
+`visual.mm_projector` -> token organisation with the separator embeddings of `method_settings["separator_ids"]`).
+
+Release evaluation pre-resize and hard-coded separator ids: `RELEASE_EVAL_PRE_RESIZE` / `uhd_eval_pre_resize` and
+`RELEASE_SEPARATOR_IDS` below; the converter (convert/uhd_v2.py) stores both in a converted checkpoint's settings.
 """
 
 from __future__ import annotations
@@ -39,17 +42,32 @@ from ..configuration import parse_method_settings
 from ..vision.varres import encode_variable_resolution
 from .uhd_hiwin import GRID_SIZE, HiwinProjector
 from .uhd_hiwin import IMPLEMENTATIONS as HIWIN_IMPLEMENTATIONS
-from .uhd_jbu import JBU4xStack
+from .uhd_jbu import JBU2xStack, JBU4xStack, JBULearnedRange
 
 # Constants of the release (`slice_process.py`, training/eval scripts) and the paper (Sec. 4.1).
 SCALE_RESOLUTION = 336  # S: CLIP-ViT-L/14-336 input side; slices and overview have area ~S^2
 PATCH_SIZE = 14  # CLIP-ViT-L/14 patch; every resized side is a multiple of it
 MAX_SLICES_TRAIN = 7  # N_max used in training
 MAX_SLICES_EVAL = 9  # N_max used in evaluation (paper); 1024^2 -> 3x3
-# release eval: `resize_image_keep_ratio(image, 1024)` (1536 for TextVQA; none for MME, AI2D)
-EVAL_PRE_RESIZE_LONG_SIDE = 1024
 TOKENS_PER_IMAGE = 144  # Hiwin compresses every slice and the overview to 12x12 query tokens
 SLICE_SEPARATORS = (",", "\n")  # between slices of a row / after the last slice of a row
+# The release's separator ids, hard-coded for every LLM (Llama's "," and "\n"; Qwen2 included): DOT_TOKEN and
+# NEWLINE_TOKEN of llava/slice_process.py:11-12, embedded at llava/model/llava_arch.py:576-579. Converted releases keep
+# these embedding rows; models built here use the tokenizer's own tokens (`separator_token_ids`).
+RELEASE_SEPARATOR_IDS = (29892, 13)
+
+# Evaluation pre-resize of the release: the image's long side is resized to this before slicing (also upscaling).
+# llava/eval/model_vqa_loader.py:56-61 tests the --image-folder path in this order: contains "mme" or "ai2d" -> no
+# resize, "textvqa" -> 1536, else 1024. The values below are what the release's own scripts get (folder, script):
+#   textvqa  1536  ./playground/data/eval/textvqa/train_images (scripts/v1_5/eval/textvqa.sh:18)
+#   ai2d     None  ./playground/data/eval/ai2d/ai2d_images (ai2d.sh:26)
+#   mmbench  None  llava/eval/model_vqa_mmbench.py:111 has the resize commented out (mmbench.sh, mmbench_cn.sh)
+#   mme      1024  the loader's test is case-sensitive and mme.sh:17 passes ./playground/data/eval/MME/
+#                  MME_Benchmark_release_version (no lowercase "mme"), so MME falls through to 1024 (:61); the
+#                  intended "no resize" is pre_resize_long_side=None
+#   anything else 1024 (gqa, pope, docvqa, chartqa, ... via the loader; scienceqa: model_vqa_science.py:64)
+EVAL_PRE_RESIZE_LONG_SIDE = 1024  # the default, also what converted checkpoints store
+RELEASE_EVAL_PRE_RESIZE = {"textvqa": 1536, "ai2d": None, "mmbench": None, "mme": 1024}
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -152,6 +170,24 @@ def resize_keep_ratio(image: Image.Image, long_side: int) -> Image.Image:
     return image.resize((max(new_width, 1), max(new_height, 1)), Image.Resampling.BICUBIC)
 
 
+def uhd_eval_pre_resize(task_name: str) -> int | None:
+    """The release's evaluation pre-resize for a benchmark, as its own evaluation scripts apply it: long side 1536 for
+    TextVQA, None (no resize) for AI2D and MMBench, 1024 for everything else - MME included, see
+    `RELEASE_EVAL_PRE_RESIZE`.
+
+    The first key of `RELEASE_EVAL_PRE_RESIZE` contained in the lower-cased task name decides ("TextVQA_val" ->
+    1536); no key -> EVAL_PRE_RESIZE_LONG_SIDE. Pass the result as
+    `processor(..., pre_resize_long_side=uhd_eval_pre_resize(task))` (None turns the resize off).
+    """
+    if not isinstance(task_name, str) or not task_name:
+        raise TypeError(f"uhd_eval_pre_resize: task_name must be a non-empty string, got {task_name!r}")
+    name = task_name.lower()
+    for key, long_side in RELEASE_EVAL_PRE_RESIZE.items():
+        if key in name:
+            return long_side
+    return EVAL_PRE_RESIZE_LONG_SIDE
+
+
 def _to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     # CLIPImageProcessor with do_resize=False, do_center_crop=False: rescale by 1/255, then normalise.
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, h, w)
@@ -169,8 +205,8 @@ def preprocess_uhd_image(
 ) -> dict:
     """Slice a PIL image and normalise the pieces for the variable-resolution ViT.
 
-    `pre_resize_long_side`: the evaluation pre-resize (release: 1024; 1536 for TextVQA; None = off, the default).
-    Resizes use PIL bicubic, as the release.
+    `pre_resize_long_side`: the evaluation pre-resize (release: 1024; 1536 for TextVQA; none for AI2D, MMBench - see
+    `uhd_eval_pre_resize`); None = off (the default here). Resizes use PIL bicubic, as the release.
 
     Returns a dict:
       overview:     float32 tensor (3, h, w), normalised
@@ -222,7 +258,7 @@ def _check_grid(grid) -> None:
 def slice_separators(grid) -> list[str]:
     """The separator text after each slice, in raster order: "," inside a row, "\\n" at a row's end ([] unsliced).
 
-    The release hard-codes Llama ids 29892 (",") and 13 ("\\n"); the caller tokenises these strings instead.
+    Their ids are `method_settings["separator_ids"]` (the tokenizer's, or the release's 29892 / 13 when converted).
     """
     _check_grid(grid)
     if grid is None:
@@ -264,16 +300,20 @@ class UhdSettings:
     scale_resolution: S: every slice and the overview have area ~S^2. None = the vision tower's image size (336 for
         CLIP-ViT-L/14-336, the release's value).
     feature_scale_mask: pyramid levels fed to the window attention, bitmask 1 = 1x, 2 = 2x, 4 = 4x. 7 (release
-        default, Vicuna-7B); the released Qwen2-7B and Vicuna-13B checkpoints use 5 (1x + 4x). The JBU exists whenever
-        2x or 4x is used (it always computes both; 4x needs 2x).
+        default, Vicuna-7B); the released Qwen2-7B and Vicuna-13B checkpoints use 5 (1x + 4x). As in the release, a
+        mask with 4x builds the two-step `JBU4xStack` (fix-up on the 4x output only; its 2x level is the first step's
+        raw output), a mask with 2x but not 4x (2, 3) the one-step `JBU2xStack` (fix-up on the 2x output), mask 1 no
+        JBU.
     compat: the release's window attention (pooling grid fixed across levels, boxes rounded to the working dtype);
         False = the paper's level-scaled pooling grids (see uhd_hiwin).
     pre_resize_long_side: evaluation pre-resize of the image's long side before slicing (release evaluation: 1024;
-        1536 for TextVQA; none for MME and AI2D). None = off (default); a processor call may pass it.
-    separator_ids: [id of ",", id of "\\n"] in the LLM's tokenizer; the separators between slices are these tokens'
-        input embeddings. Obtained from the tokenizer by `separator_token_ids` when a model is built or converted, and
-        stored here. Never hard-coded (the release hard-codes Llama's 29892 and 13). Needed as soon as an image is
-        sliced.
+        1536 for TextVQA; none for AI2D and MMBench: `uhd_eval_pre_resize(task)`). None = off, the default of models
+        built here; converted releases store 1024 (EVAL_PRE_RESIZE_LONG_SIDE). A processor call overrides it:
+        `processor(..., pre_resize_long_side=1536)`, or `=None` to turn it off.
+    separator_ids: [id of ",", id of "\\n"]: the separators between slices are these rows of the LLM's input
+        embeddings. Models built here take the tokenizer's own tokens (`separator_token_ids`); converted releases
+        keep the release's hard-coded Llama ids 29892 and 13 (RELEASE_SEPARATOR_IDS) for every LLM, Qwen2 included,
+        since those are the rows the checkpoint was trained with. Needed as soon as an image is sliced.
     num_heads: heads of the window attention; None = D / 128 (release).
     hiwin_impl: how the window attention is computed: "fused" (default; the exact, several times cheaper
         reformulation) or "reference" (the release's order of operations, kept as the reference). Same outputs up to
@@ -355,11 +395,22 @@ def _too_thin_views(patch_grids, patch_size: int) -> str | None:
     return ", ".join(f"{w}x{h}" for h, w in small)
 
 
-def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=None) -> dict:
+class _FromSettings:
+    """Default of a processor option that falls back to `method_settings` (so that an explicit None can mean "off")."""
+
+    def __repr__(self):
+        return "<method_settings>"
+
+
+FROM_SETTINGS = _FromSettings()
+
+
+def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=FROM_SETTINGS) -> dict:
     """Processor step: adaptive slicing; every slice and the overview normalised at its own size.
 
     Options: `max_slices` (N_max, default `method_settings["max_slices"]`), `pre_resize_long_side` (evaluation
-    pre-resize, default `method_settings["pre_resize_long_side"]`).
+    pre-resize: an int, or None for none; default `method_settings["pre_resize_long_side"]`; per benchmark:
+    `uhd_eval_pre_resize`).
 
     Returns (images on dim 0, zero-padded where sizes differ, so the collator can concatenate batches):
       pixel_values  (images, max_views, 3, H_max, W_max) float32: views of image i in token order (slices in raster
@@ -372,7 +423,7 @@ def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=None
     settings = parse_method_settings(UhdSettings, image_processor)
     max_slices = settings.max_slices if max_slices is None else max_slices
     _check_positive_int(max_slices, "uhd: max_slices")
-    pre_resize = settings.pre_resize_long_side if pre_resize_long_side is None else pre_resize_long_side
+    pre_resize = settings.pre_resize_long_side if pre_resize_long_side is FROM_SETTINGS else pre_resize_long_side
     _optional_positive_int(pre_resize, "uhd: pre_resize_long_side")
     scale = settings.scale_resolution or image_processor.crop_size.height
     patch = image_processor.patch_size
@@ -422,7 +473,8 @@ class UhdPipeline(nn.Module):
     attention (`mm_projector`) -> 144 tokens per view -> [slice_1, sep_1, ..., slice_N, sep_N, overview].
 
     Key names: `visual.mm_projector.*` = the release's `model.mm_projector.*` (Hiwin), `visual.upsampler.*` = the
-    release's `model.mm_projector.upsampler.upsampler.*` / the stage-0 checkpoint's JBU stack (up1, up2, fixup_proj).
+    release's `model.mm_projector.upsampler.upsampler.*` / the stage-0 checkpoint's JBU stack (up1, up2, fixup_proj;
+    the 2x stack of masks 2 and 3 has no up2).
 
     The separators are the LLM's input embeddings of "," and "\\n" (ids in `method_settings["separator_ids"]`): forward
     needs the embedding module as `embed_tokens` (the model passes `self.get_input_embeddings()`).
@@ -432,7 +484,8 @@ class UhdPipeline(nn.Module):
 
     @staticmethod
     def settings_from_tokenizer(settings: dict, tokenizer) -> dict:
-        """Fills `separator_ids` from the LLM tokenizer (its own "," and "\\n" tokens, never hard-coded ids)."""
+        """Fills `separator_ids` from the LLM tokenizer (its own "," and "\\n" tokens) for models built here;
+        converted releases come with the release's ids already set (RELEASE_SEPARATOR_IDS)."""
         if settings.get("separator_ids") is None:
             settings["separator_ids"] = separator_token_ids(tokenizer)
         return settings
@@ -450,7 +503,13 @@ class UhdPipeline(nn.Module):
         self.select_strategy = config.vision_feature_select_strategy
         self.patch_size = vision.patch_size
         self.levels = [k for k, bit in enumerate(_LEVEL_BITS) if self.settings.feature_scale_mask & bit]
-        self.upsampler = JBU4xStack(vision.hidden_size) if self.settings.uses_jbu else None
+        # The release's stack per mask (multimodal_projector/adapt_spatial_resampler.py:141-144): the 4x stack when
+        # 4x is used (its 2x level is up1's output, without fix-up), else the 2x stack (fix-up on the 2x output).
+        self.upsampler = None
+        if self.settings.feature_scale_mask & 4:
+            self.upsampler = JBU4xStack(vision.hidden_size)
+        elif self.settings.feature_scale_mask & 2:
+            self.upsampler = JBU2xStack(vision.hidden_size)
         self.mm_projector = HiwinProjector(
             text.hidden_size, vision.hidden_size, GRID_SIZE, self.settings.feature_scale_mask, self.settings.compat,
             self.settings.num_heads, impl=self.settings.hiwin_impl,
@@ -473,7 +532,7 @@ class UhdPipeline(nn.Module):
         for module in self.upsampler.modules():
             if isinstance(module, nn.Conv2d):
                 module.reset_parameters()
-        for step in (self.upsampler.up1, self.upsampler.up2):
+        for step in (m for m in self.upsampler.modules() if isinstance(m, JBULearnedRange)):
             nn.init.zeros_(step.range_temp)
             nn.init.ones_(step.sigma_spatial)
 
@@ -531,7 +590,7 @@ class UhdPipeline(nn.Module):
             if self.upsampler is not None:
                 dtype = self.upsampler.fixup_proj[1].weight.dtype
                 guidance = torch.stack([views[i] for i in indices]).to(source.device)  # (n, 3, 14h, 14w)
-                levels = self.upsampler(source.to(dtype), guidance)  # (n, C, h|2h|4h, w|2w|4w) x 3
+                levels = self.upsampler(source.to(dtype), guidance)  # (n, C, h|2h[|4h], w|2w[|4w]): 1x, 2x[, 4x]
             pyramids.append([levels[k] for k in self.levels])
             order += indices
         tokens = self.mm_projector(pyramids)  # (views, 144, D) in group order

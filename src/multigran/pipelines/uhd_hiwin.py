@@ -24,12 +24,14 @@ Conventions settled here:
   are rounded to the working dtype before RoIAlign (the release casts them to bf16). compat=False (paper, Table 4
   "Pyramid"): the base size is scaled by the level factor, e.g. [2x3], [4x6], [8x12] at 1x/2x/4x, boxes kept in float32.
 - The 2-D sin-cos table is MAE's (`get_2d_sincos_pos_embed`): the first half of the channels encodes the column index,
-  the second half the row index (MAE meshgrids w first). It is stored as a persistent, non-trainable buffer `pos_embed`.
+  the second half the row index (MAE meshgrids w first). It is stored as a persistent, non-trainable buffer `pos_embed`
+  created in the default dtype, so it follows the model's dtype like the release's frozen parameter (also under
+  `from_pretrained(dtype=...)`, which builds the model in that default dtype).
 - Slices whose maps differ in size get different key counts L; keys are zero-padded and masked
   (key_padding_mask), exactly like the release, so one attention call serves all slices ("reference"; the "fused" path
   below runs each group of same-size slices on its own keys, which is the same softmax).
-- The sin-cos table is resized in float32 for float32/bf16/fp16 modules (the release's get_abs_pos), in float64 for a
-  float64 module ("at least float32", so that float64 checks are not limited by a float32 table).
+- The sin-cos table is resized in float32 for float32/bf16/fp16 tables (the release's get_abs_pos), in float64 for a
+  float64 table ("at least float32", so that float64 checks are not limited by a float32 table).
 
 Two implementations of the same function, chosen by `impl` (method setting `hiwin_impl` of method "uhd"):
 - "reference": the release's order of operations, literally: W_l and LN_kv on every map position at width D,
@@ -67,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpointing import checkpointed
 from ..ops import roi_align
 
 # Numbers of the release (thunlp/LLaVA-UHD, LLaVA-UHD-v2 branch, adapt_spatial_resampler.py).
@@ -83,7 +86,7 @@ IMPLEMENTATIONS = ("fused", "reference")  # HiwinProjector(impl=...), method set
 
 
 def sincos_2d_position_embedding(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table -> (grid_size**2, embed_dim), float32, positions in raster order.
+    """MAE's fixed 2-D sin-cos table -> (grid_size**2, embed_dim), float32 values, positions in raster order.
 
     Row r, column c: [sin(c * w), cos(c * w), sin(r * w), cos(r * w)], w_i = 10000^(-i / (D/4)), i < D/4.
     """
@@ -197,7 +200,9 @@ class HiwinProjector(nn.Module):
         for k in range(1, NUM_QUERY_SETS + 1):
             setattr(self, f"query_{k}", nn.Parameter(torch.empty(self.num_queries, embed_dim)))
         # Fixed, saved with the weights (the release stores it as a frozen parameter), not trainable.
-        self.register_buffer("pos_embed", sincos_2d_position_embedding(embed_dim, grid_size), persistent=True)
+        # Default dtype: the model's dtype under from_pretrained(dtype=...), as the release's parameter follows it.
+        table = sincos_2d_position_embedding(embed_dim, grid_size).to(torch.get_default_dtype())
+        self.register_buffer("pos_embed", table, persistent=True)
         for name, _ in LEVELS.values():
             setattr(self, f"feature_{name}_embedding", nn.Parameter(torch.zeros(1, 1, embed_dim)))
             setattr(self, f"features_{name}_projector", nn.Linear(vision_dim, embed_dim))
@@ -231,7 +236,12 @@ class HiwinProjector(nn.Module):
         if not getattr(self.pos_embed, "_is_hf_initialized", False):  # a buffer: no nn.init guard of its own
             self.pos_embed.copy_(sincos_2d_position_embedding(self.embed_dim, self.grid_size))
 
+    gradient_checkpointing = False  # set by gradient_checkpointing_enable(): keys/values of every window are large
+
     def forward(self, pyramids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        return checkpointed(self, self._forward, pyramids)
+
+    def _forward(self, pyramids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """Project the feature pyramids of a batch of slices.
 
         Args:

@@ -1,7 +1,8 @@
 """LLaVA-UHD v2's JBU feature upsampler ("visual detail injection module") and its stage-0 hierarchical supervision.
 
-Port of the release's `featup/upsamplers.py` (`JBULearnedRange`, `JBU4xStack`) and `featup/train_jbu_upsampler.py`
-(thunlp/LLaVA-UHD, branch LLaVA-UHD-v2; derived from FeatUp, mhamilton723/FeatUp). Module and parameter names match
+Port of the release's `featup/upsamplers.py` (`JBULearnedRange`, `JBU2xStack`, `JBU4xStack`) and
+`featup/train_vdim_upsampler.py` with `featup/configs/vdim_upsampler.yaml` (thunlp/LLaVA-UHD, branch LLaVA-UHD-v2;
+derived from FeatUp, mhamilton723/FeatUp). Module and parameter names match
 the release keys (`upsampler.upsampler.up1.range_proj.0.weight`, ..., `upsampler.upsampler.fixup_proj.1.weight`), and
 the stage-0 helpers the Lightning checkpoint's `downsampler*` / `scale_net*` keys.
 
@@ -20,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multigran.checkpointing import checkpointed
 from multigran.ops.adaptive_conv import adaptive_conv, window_dot
 from multigran.vision.varres import encode_variable_resolution
 
-# Release / FeatUp defaults (featup/upsamplers.py, configs/jbu_upsampler.yaml, train_jbu_upsampler.py).
+# Release / FeatUp defaults (featup/upsamplers.py, featup/configs/vdim_upsampler.yaml, featup/train_vdim_upsampler.py).
 JBU_KEY_DIM = 32  # range-kernel key dimension
 JBU_RADIUS = 3  # 7x7 window
 KERNEL_FIXUP_SCALE = 0.1  # K += 0.1 * fixup_proj([K; G])
-STACK_FIXUP_SCALE = 0.1  # x4 = x4 + 0.1 * fixup_proj(x4)
+STACK_FIXUP_SCALE = 0.1  # x = x + 0.1 * fixup_proj(x) on the stack's last output (4x, or 2x for the 2x stack)
 RANGE_TEMP_CLAMP = (1e-4, 1e4)  # e^tau is clamped to this range
 KERNEL_NORM_EPS = 1e-7
 
@@ -82,7 +84,12 @@ class JBULearnedRange(nn.Module):
         squared_distance = (dy.square() + dx.square()).reshape(1, -1, 1, 1)
         return torch.exp(-squared_distance / (2 * sigma**2))
 
+    gradient_checkpointing = False  # set by gradient_checkpointing_enable(): its (B, 49, H, W) kernels are large
+
     def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return checkpointed(self, self._forward, source, guidance)
+
+    def _forward(self, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """source (B, C, h, w); guidance (B, g, H_img, W_img) at any resolution (pooled here to scale*(h, w))."""
         if source.dim() != 4 or guidance.dim() != 4 or source.shape[0] != guidance.shape[0]:
             raise ValueError(
@@ -133,12 +140,32 @@ class JBU4xStack(nn.Module):
         return source, up_2x, up_4x
 
 
+class JBU2xStack(nn.Module):
+    """One JBU step (24 -> 48 for a 336 slice) and the residual 1x1 fix-up on its 2x output: the release's stack for
+    feature_scale_mask 2 and 3 (featup/upsamplers.py:278-302, chosen by hubconf.py:25-26 for scale '2x').
+
+    Same key names as the 4x stack minus `up2`: a 4x stage-0 checkpoint loads into it without its up2 (the release
+    loads it with strict=False, hubconf.py:166-169). forward returns the levels (1x, 2x).
+    """
+
+    def __init__(self, feat_dim: int = 1024, key_dim: int = JBU_KEY_DIM, radius: int = JBU_RADIUS):
+        super().__init__()
+        self.up1 = JBULearnedRange(3, feat_dim, key_dim, scale=2, radius=radius)
+        self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(feat_dim, feat_dim, 1))
+
+    def forward(self, source: torch.Tensor, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, C, h, w) ViT features; guidance (B, 3, H, W) the normalised image they come from.
+        Returns (source, up_2x (B, C, 2h, 2w)), the fix-up applied to up_2x."""
+        up_2x = self.up1(source, guidance)
+        return source, up_2x + STACK_FIXUP_SCALE * self.fixup_proj(up_2x)
+
+
 # The brief/callers may know the 4x stack as `JBUStack`. (The release's own `JBUStack` is a 16x, four-step variant.)
 JBUStack = JBU4xStack
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Stage 0: hierarchical supervision of the JBU alone (release train_jbu_upsampler.py, FeatUp's multi-view loss).
+# Stage 0: hierarchical supervision of the JBU alone (release train_vdim_upsampler.py, FeatUp's multi-view loss).
 # ---------------------------------------------------------------------------------------------------------------------
 
 STAGE0_N_JITTERS = 2

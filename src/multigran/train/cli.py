@@ -19,14 +19,38 @@ STAGE_RUNNERS = {
 
 def recipe_stage(path) -> str | None:
     """The `stage:` of a recipe file or shipped recipe name (None for Trainer recipes)."""
+    import yaml
+
+    from ..json_io import read_text
     from .recipe import load_yaml, resolve_recipe
 
+    path = resolve_recipe(path)
     try:
-        with open(resolve_recipe(path), encoding="utf-8") as handle:
-            tree = load_yaml(handle)
-    except Exception as error:  # a YAML error: reported by the recipe loader with its message
-        raise ValueError(f"recipe {path}: not valid YAML: {error}") from None
+        tree = load_yaml(read_text(path))
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ValueError(f"recipe {path}: YAML nested too deeply") from None
     return tree.get("stage") if isinstance(tree, dict) else None
+
+
+def check_recipe_paths(recipe):
+    """The paths a recipe names exist (a shipped recipe's defaults are examples): errors say which key to set."""
+    import os
+
+    if not os.path.isfile(os.path.join(recipe.model, "config.json")):
+        raise FileNotFoundError(f"recipe {recipe.source}: model {recipe.model!r} is not a multigran model directory "
+                                "(no config.json): set model=DIR (e.g. the output of `multigran init`)")
+    paths = [recipe.data.path] if isinstance(recipe.data.path, str) else recipe.data.path
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"recipe {recipe.source}: training data {path!r} does not exist: set data.path=PATH")
+    for key in ("image_folder", "box_file"):
+        value = getattr(recipe.data, key)
+        if value and not os.path.exists(value):
+            hint = " (a box file written by `multigran detect`)" if key == "box_file" else ""
+            raise FileNotFoundError(f"recipe {recipe.source}: data.{key} {value!r} does not exist: set "
+                                    f"data.{key}=PATH{hint}")
 
 
 def add_train_arguments(parser):
@@ -38,10 +62,14 @@ def add_train_arguments(parser):
                         help="continue from the newest complete checkpoint in output_dir (after a crash or a kill)")
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
     parser.add_argument("--output-dir", help="shorthand for the override output_dir=DIR")
+    parser.add_argument("--allow-missing-weights", action="store_true",
+                        help="start from a model directory that lacks some weights on purpose: they start from the "
+                             "model's initialisation (default: missing weights are an error)")
 
 
 def train_command(args):
-    from .recipe import load_recipe
+    from ..loading import check_model_weights
+    from .recipe import check_engine_installed, load_recipe
     from .trainer import run_training
 
     overrides = list(args.overrides or [])
@@ -59,6 +87,9 @@ def train_command(args):
     recipe = load_recipe(args.recipe, overrides)
     if args.resume or args.resume_from:
         recipe.resume = args.resume_from or True
+    check_recipe_paths(recipe)
+    check_engine_installed(recipe)
+    check_model_weights(recipe.model, allow_missing=args.allow_missing_weights)  # headers only, before any training
     trainer = run_training(recipe)
     if trainer.args.should_save:
         print(f"wrote {recipe.output_dir}")

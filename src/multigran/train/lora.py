@@ -15,11 +15,9 @@ from torch import nn
 
 
 def require_peft():
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("LoRA needs the `peft` package: pip install 'multigran[lora]' (or pip install peft)") from None
-    return peft
+    from ..extras import require
+
+    return require("peft", "lora")
 
 
 def check_qlora_available():
@@ -28,10 +26,9 @@ def check_qlora_available():
     if not torch.cuda.is_available():
         raise ValueError("QLoRA (lora.qlora: true) needs a CUDA GPU: 4-bit bitsandbytes kernels do not run on CPU; "
                          "use plain LoRA (lora.qlora: false) here")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError("QLoRA needs bitsandbytes: pip install 'multigran[qlora]'") from None
+    from ..extras import require
+
+    require("bitsandbytes", "qlora")
 
 
 def qlora_quantization_config():

@@ -58,6 +58,7 @@ FSDP: launch with `accelerate launch --config_file recipes/fsdp/fsdp2.yaml -m mu
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -206,6 +207,106 @@ def check_training_arguments(training: dict, where: str):
         raise ValueError(f"recipe {where}: set output_dir at the top level of the recipe, not under training")
 
 
+def _number(value, name: str, where: str, kind=float, minimum=None, above=None, maximum=None, below=None):
+    """A recipe number in its allowed range, or one error naming the key, the range and the value."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    ok = ok and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (above is None or value > above)
+    ok = ok and (maximum is None or value <= maximum) and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {minimum}" if minimum is not None else None, f"> {above}" if above is not None else None,
+                  f"<= {maximum}" if maximum is not None else None, f"< {below}" if below is not None else None]
+        noun = "an integer" if kind is int else "a finite number"
+        raise ValueError(f"recipe {where}: {name} must be {noun} {' and '.join(b for b in bounds if b)}, got {value!r}")
+
+
+# TrainingArguments whose range the recipe checks (transformers accepts some nonsense, e.g. max_steps -1 means
+# "not set" there: a recipe omits max_steps to train for num_train_epochs).
+TRAINING_RANGES = {
+    "max_steps": dict(kind=int, minimum=1),
+    "num_train_epochs": dict(above=0),
+    "per_device_train_batch_size": dict(kind=int, minimum=1),
+    "per_device_eval_batch_size": dict(kind=int, minimum=1),
+    "gradient_accumulation_steps": dict(kind=int, minimum=1),
+    "learning_rate": dict(above=0),
+    "weight_decay": dict(minimum=0),
+    "warmup_steps": dict(minimum=0),
+    "max_grad_norm": dict(minimum=0),
+    "save_steps": dict(above=0),
+    "logging_steps": dict(above=0),
+    "eval_steps": dict(above=0),
+    "save_total_limit": dict(kind=int, minimum=1),
+    "dataloader_num_workers": dict(kind=int, minimum=0),
+    "seed": dict(kind=int, minimum=0),
+    "adam_beta1": dict(minimum=0, below=1),
+    "adam_beta2": dict(minimum=0, below=1),
+    "adam_epsilon": dict(above=0),
+}
+
+
+def check_ranges(tree: dict, data: "DataSettings", lora, training: dict, where: str):
+    for key, bounds in TRAINING_RANGES.items():
+        if training.get(key) is not None:
+            _number(training[key], f"training.{key}", where, **bounds)
+    if data.max_length is not None:
+        _number(data.max_length, "data.max_length", where, kind=int, minimum=1)
+    _number(data.seed, "data.seed", where, kind=int, minimum=0)
+    if not isinstance(data.path, (str, list)) or (isinstance(data.path, list) and not all(
+            isinstance(p, str) and p for p in data.path)) or not data.path:
+        raise ValueError(f"recipe {where}: data.path must be a path or a list of paths, got {data.path!r}")
+    for key in ("image_folder", "box_file", "template", "on_bad_record"):
+        value = getattr(data, key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"recipe {where}: data.{key} must be a string, got {value!r}")
+    if not isinstance(data.image_options, dict):
+        raise ValueError(f"recipe {where}: data.image_options must be a mapping, got {data.image_options!r}")
+    from ..data.llava import ON_BAD_RECORD
+    from ..data.templates import TEMPLATE_NAMES
+
+    if data.template not in TEMPLATE_NAMES:
+        raise ValueError(f"recipe {where}: data.template {data.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
+    if data.on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"recipe {where}: data.on_bad_record must be skip or error, got {data.on_bad_record!r}")
+    if lora is not None:
+        _number(lora.r, "lora.r", where, kind=int, minimum=1)
+        _number(lora.alpha, "lora.alpha", where, above=0)
+        _number(lora.dropout, "lora.dropout", where, minimum=0, below=1)
+        _number(lora.learning_rate, "lora.learning_rate", where, above=0)
+    for key in ("model", "output_dir"):
+        if not isinstance(tree[key], str):
+            raise ValueError(f"recipe {where}: {key} must be a path, got {tree[key]!r}")
+    if not isinstance(tree.get("resume", False), (bool, str)):
+        raise ValueError(f"recipe {where}: resume must be true, false or a checkpoint path, got {tree['resume']!r}")
+
+
+def resolve_engine_config(training: dict, where: str) -> dict:
+    """training.deepspeed names a JSON file: a path, or a config shipped with the package (recipes/deepspeed/...)."""
+    value = training.get("deepspeed")
+    if value in (None, "", False):
+        training.pop("deepspeed", None)
+        return training
+    if not isinstance(value, (str, dict)):
+        raise ValueError(f"recipe {where}: training.deepspeed must be a DeepSpeed JSON file or null, got {value!r}")
+    if isinstance(value, str) and not os.path.isfile(value):
+        shipped = SHIPPED_RECIPES / value.removeprefix("recipes/")
+        if not shipped.is_file():
+            raise ValueError(f"recipe {where}: training.deepspeed {value!r} does not exist (shipped configs: "
+                             "recipes/deepspeed/zero2.json, recipes/deepspeed/zero3.json; null trains without DeepSpeed)")
+        training["deepspeed"] = str(shipped)
+    return training
+
+
+def check_engine_installed(recipe: "Recipe"):
+    """DeepSpeed is an opt-in extra: a recipe that asks for it on a machine without it is one error naming the key."""
+    import importlib.util
+
+    value = recipe.training.get("deepspeed")
+    if value and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"recipe {recipe.source or '<dict>'}: training.deepspeed is set ({value}) but DeepSpeed is "
+                         "not installed: pip install 'multigran[deepspeed]', or override training.deepspeed=null to "
+                         "train without it")
+
+
 def recipe_from_dict(tree: dict, source: str | None = None) -> Recipe:
     where = source or "<dict>"
     if not isinstance(tree, dict):
@@ -221,12 +322,16 @@ def recipe_from_dict(tree: dict, source: str | None = None) -> Recipe:
     if not isinstance(trainable, dict):
         raise ValueError(f"recipe {where}: trainable must map parameter-name prefixes to learning rates")
     for prefix, lr in trainable.items():
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"recipe {where}: trainable[{prefix!r}] must be a positive learning rate, got {lr!r}")
     loss = _build(LossSettings, tree.get("loss") or {}, f"{where} (loss)")
     lora = _build(LoraSettings, tree["lora"], f"{where} (lora)") if tree.get("lora") else None
+    if not isinstance(tree.get("training") or {}, dict):
+        raise ValueError(f"recipe {where}: training must be a mapping of TrainingArguments")
     training = dict(tree.get("training") or {})
     check_training_arguments(training, f"{where} (training)")
+    check_ranges(tree, data, lora, training, where)
+    training = resolve_engine_config(training, where)
     if tree.get("model_dtype", "float32") not in ("float32", "bfloat16", "float16", "auto"):
         raise ValueError(f"recipe {where}: model_dtype must be float32, bfloat16, float16 or auto")
     return Recipe(
@@ -258,12 +363,15 @@ def load_recipe(path, overrides=()) -> Recipe:
 
     `path` is a file, or the name of a recipe shipped with the package (`anyres/stage2_finetune.yaml`, also written
     `recipes/anyres/stage2_finetune.yaml`), so installed copies work outside the repository too."""
+    from ..json_io import read_text
+
     path = resolve_recipe(path)
-    with open(path, encoding="utf-8") as handle:
-        try:
-            tree = load_yaml(handle)
-        except yaml.YAMLError as error:
-            raise ValueError(f"recipe {path}: not valid YAML: {error}") from None
+    try:
+        tree = load_yaml(read_text(path))
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ValueError(f"recipe {path}: YAML nested too deeply") from None
     tree = copy.deepcopy(tree) if isinstance(tree, dict) else tree
     if not isinstance(tree, dict):
         raise ValueError(f"recipe {path}: expected a YAML mapping at the top level")
@@ -272,5 +380,5 @@ def load_recipe(path, overrides=()) -> Recipe:
     return recipe_from_dict(tree, path)
 
 
-__all__ = ["Recipe", "DataSettings", "LossSettings", "LoraSettings", "load_recipe", "resolve_recipe", "recipe_from_dict",
+__all__ = ["check_engine_installed", "Recipe", "DataSettings", "LossSettings", "LoraSettings", "load_recipe", "resolve_recipe", "recipe_from_dict",
            "apply_override", "parse_override"]

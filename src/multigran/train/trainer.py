@@ -500,7 +500,18 @@ def build_trainer(recipe, model=None, processor=None):
         loss_name=recipe.loss.name, loss_options=recipe.loss.options, modality_lengths=dataset.modality_lengths,
         group_by_modality_length=data.group_by_modality_length, image_token_id=processor.image_token_id,
     )
+    check_fsdp_engaged(trainer)
     return trainer
+
+
+def check_fsdp_engaged(trainer):
+    """`accelerate launch` with an FSDP config (recipes/fsdp/) must give an FSDP run: accelerate engages FSDP on
+    multi-GPU (and other accelerator) runs only, and on CPU processes would silently train plain DDP instead."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            f"the accelerate config asks for FSDP but accelerate runs it on GPUs only; this {trainer.args.world_size}-"
+            f"process run on {trainer.args.device.type} would be plain DDP: use `torchrun` (DDP) on CPU, or GPUs for FSDP"
+        )
 
 
 def latest_complete_checkpoint(output_dir) -> str | None:

@@ -3,7 +3,8 @@
 Not a conversation stage: the data are bare images, the loss is `JBUStage0Loss` (jittered views, per-level attention
 downsamplers, uncertainty term, random 1024 -> 30 projection; CRF term behind `loss.crf_weight`), the target is the
 model's own frozen vision tower (layer `vision_feature_layer`, -2). Only `visual.upsampler` (and the loss's helper
-heads) learn; NAdam, lr 1e-3 (release `train_jbu_upsampler.py`; spec section 3).
+heads) learn; NAdam, lr 1e-3 (release `featup/train_vdim_upsampler.py` with `featup/configs/vdim_upsampler.yaml`;
+spec section 3).
 
 Recipe (YAML; `multigran train --recipe recipes/uhd/stage0_jbu.yaml` runs it when it says `stage: jbu`, and so does
 `python -m multigran.train.uhd_stage0 --recipe R.yaml [key.sub=value ...]`):
@@ -15,6 +16,8 @@ Recipe (YAML; `multigran train --recipe recipes/uhd/stage0_jbu.yaml` runs it whe
       path: FOLDER               # any image folder, searched recursively (.png .jpg .jpeg .webp .bmp .gif .tif .tiff)
       image_size: null           # side of the square training crop; null = the tower's image size (336 for CLIP-L)
       max_images: null           # use only the first N images (sorted paths)
+      resample: nearest          # resize filter: nearest (release) or bilinear
+      normalize: imagenet        # imagenet (release: ImageNet mean/std) or processor (the model's CLIP mean/std)
     loss:                        # JBUStage0Loss options (release values)
       n_jitters: 2
       max_pad: 30
@@ -31,9 +34,18 @@ Recipe (YAML; `multigran train --recipe recipes/uhd/stage0_jbu.yaml` runs it whe
       logging_steps: 10
       device: auto               # cuda when available, else cpu
       save_model: true           # also write output_dir/model (config, weights, processor): the next stage's `model`
+      early_clip_steps: 10       # the first N optimizer steps clip the gradient norm to early_clip_norm (release)
+      early_clip_norm: 1.0e-4    # (0 steps = no clipping)
 
-Images are resized (bilinear) so that their shorter side is `image_size`, centre-cropped to a square and normalised
-with the model's processor mean/std, as the release's FeatUp data pipeline does. One process, one device.
+Data as the release (`featup/util.py:293-296` `get_transform(res, False, "center")`, used by
+`featup/train_vdim_upsampler.py:485`): torchvision `Resize(image_size, NEAREST)` (shorter side -> image_size, longer
+side truncated), `CenterCrop(image_size)`, `ToTensor`, `Normalize` with ImageNet's mean/std (`featup/util.py:62`) - the
+same tensor is the JBU's guidance and the frozen tower's input (the release's CLIP featurizer takes it as is).
+Documented alternatives (not the release): `data.resample: bilinear` (antialiased, instead of nearest-neighbour
+aliasing) and `data.normalize: processor` (the CLIP statistics the tower was trained with and the pipeline's guidance
+uses at inference). The release clips the gradient norm of all trained parameters to 1e-4 during its first 10
+optimizer steps (`train_vdim_upsampler.py:270-271`); `training.early_clip_steps` / `early_clip_norm`. One process, one
+device.
 `jbu.safetensors` holds `visual.upsampler.*` (the model's key names) and the stage-0 heads under `stage0.*`; load it
 into a model with `load_jbu_weights(model, path)`, or convert a release with `multigran convert uhd-v2 --jbu PATH`.
 """
@@ -55,13 +67,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..image_io import load_image
-from ..pipelines.uhd_jbu import JBUStage0Loss, clip_featurizer
+from ..pipelines.uhd_jbu import JBU4xStack, JBUStage0Loss, clip_featurizer
 
 logger = logging.getLogger(__name__)
 
 STAGE = "jbu"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UPSAMPLER_PREFIX = "visual.upsampler."
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # featup/util.py:62, the release's stage-0 normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+NORMALIZE = ("imagenet", "processor")
 
 
 @dataclass
@@ -69,6 +85,8 @@ class JbuData:
     path: str
     image_size: int | None = None
     max_images: int | None = None
+    resample: str = "nearest"
+    normalize: str = "imagenet"
 
 
 @dataclass
@@ -91,6 +109,8 @@ class JbuTraining:
     logging_steps: int = 10
     device: str = "auto"
     save_model: bool = True
+    early_clip_steps: int = 10
+    early_clip_norm: float = 1e-4
 
 
 @dataclass
@@ -175,7 +195,8 @@ def load_jbu_recipe(path, overrides=()) -> JbuRecipe:
     )
     t = recipe.training
     # YAML 1.1 (PyYAML) reads 1e-3 as a string ("1.0e-3" is a float): accept numeric strings for the float fields.
-    for section, name in ((t, "learning_rate"), (recipe.loss, "max_zoom"), (recipe.loss, "crf_weight")):
+    for section, name in ((t, "learning_rate"), (t, "early_clip_norm"), (recipe.loss, "max_zoom"),
+                          (recipe.loss, "crf_weight")):
         value = getattr(section, name)
         if isinstance(value, str):
             try:
@@ -190,6 +211,16 @@ def load_jbu_recipe(path, overrides=()) -> JbuRecipe:
         raise ValueError(f"recipe {where} (training): max_steps must be null or an int >= 1, got {t.max_steps!r}")
     if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
         raise ValueError(f"recipe {where} (training): learning_rate must be > 0, got {t.learning_rate!r}")
+    if isinstance(t.early_clip_steps, bool) or not isinstance(t.early_clip_steps, int) or t.early_clip_steps < 0:
+        raise ValueError(f"recipe {where} (training): early_clip_steps must be an int >= 0, got {t.early_clip_steps!r}")
+    if not isinstance(t.early_clip_norm, (int, float)) or t.early_clip_norm <= 0:
+        raise ValueError(f"recipe {where} (training): early_clip_norm must be > 0, got {t.early_clip_norm!r}")
+    if recipe.data.resample not in RESAMPLE:
+        raise ValueError(f"recipe {where} (data): resample must be one of {sorted(RESAMPLE)}, got "
+                         f"{recipe.data.resample!r}")
+    if recipe.data.normalize not in NORMALIZE:
+        raise ValueError(f"recipe {where} (data): normalize must be one of {list(NORMALIZE)}, got "
+                         f"{recipe.data.normalize!r}")
     return recipe
 
 
@@ -205,21 +236,32 @@ def list_images(folder, max_images=None) -> list[Path]:
     return paths
 
 
-def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> `size` (bilinear), then the central size x size square (FeatUp's Resize + CenterCrop)."""
+def resize_and_center_crop(image: Image.Image, size: int, resample: str = "nearest") -> Image.Image:
+    """torchvision's `Resize(size)` + `CenterCrop(size)` on a PIL image, as the release's stage-0 transform.
+
+    Resize: the shorter side -> `size`, the longer side int(size * long / short) (truncated); unchanged when the shorter
+    side already is `size`. CenterCrop: top-left corner at int(round((side - size) / 2)) (Python rounding, halves to
+    even). `resample`: "nearest" (release) or "bilinear".
+    """
+    if resample not in RESAMPLE:
+        raise ValueError(f"resize_and_center_crop: resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
     width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), RESAMPLE[resample])
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Every image of a folder as a normalised (3, size, size) float tensor."""
+    """Every image of a folder as a normalised (3, size, size) float tensor (`resize_and_center_crop`, then
+    (pixels / 255 - mean) / std)."""
 
-    def __init__(self, paths, size: int, mean, std):
-        self.paths, self.size = list(paths), size
+    def __init__(self, paths, size: int, mean, std, resample: str = "nearest"):
+        self.paths, self.size, self.resample = list(paths), size, resample
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
@@ -227,7 +269,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        image = resize_and_center_crop(load_image(self.paths[index]), self.size)
+        image = resize_and_center_crop(load_image(self.paths[index]), self.size, self.resample)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
 
@@ -241,13 +283,22 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def load_jbu_weights(model, path) -> None:
-    """Loads the `visual.upsampler.*` tensors of a stage-0 `jbu.safetensors` into a multigran "uhd" model."""
+    """Loads the `visual.upsampler.*` tensors of a stage-0 `jbu.safetensors` into a multigran "uhd" model.
+
+    A model with the 2x stack (feature_scale_mask 2 or 3) takes up1 and the fix-up and leaves the checkpoint's up2
+    aside (logged), as the release loads the 4x stage-0 checkpoint with strict=False (hubconf.py:166-169).
+    """
     state = {k[len(UPSAMPLER_PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(UPSAMPLER_PREFIX)}
     upsampler = getattr(model.visual, "upsampler", None)
     if upsampler is None:
         raise ValueError("the model has no JBU upsampler (method 'uhd' with feature_scale_mask using 2x or 4x)")
     if not state:
         raise ValueError(f"{path} holds no {UPSAMPLER_PREFIX}* tensors")
+    if not isinstance(upsampler, JBU4xStack):
+        unused = sorted(k for k in state if k.startswith("up2."))
+        if unused:
+            logger.info("%s: the 2x JBU stack has no second step: %d up2 tensors left unused", path, len(unused))
+        state = {k: v for k, v in state.items() if not k.startswith("up2.")}
     upsampler.load_state_dict(state, strict=True)
 
 
@@ -260,6 +311,14 @@ def train_jbu(recipe: JbuRecipe) -> dict:
     if model.config.method != "uhd" or getattr(model.visual, "upsampler", None) is None:
         raise ValueError(f"{recipe.model} is not a LLaVA-UHD v2 model with a JBU upsampler (method 'uhd', "
                          "feature_scale_mask with 2x or 4x): stage 0 trains that upsampler")
+    if not isinstance(model.visual.upsampler, JBU4xStack):
+        raise ValueError(
+            f"{recipe.model} has the 2x JBU stack (feature_scale_mask "
+            f"{model.config.method_settings.get('feature_scale_mask')}): stage 0 trains the 4x stack (release "
+            "vdim_upsampler.yaml: jbu_4x_stack), whose up1 and fix-up a 2x model then loads; train on a model with "
+            "feature_scale_mask 4..7 and load the result with "
+            "load_jbu_weights or `multigran convert uhd-v2 --jbu`"
+        )
     processor = MultiGranProcessor.from_pretrained(recipe.model)
     vision = model.config.vision_config
     size = recipe.data.image_size or vision.image_size
@@ -269,8 +328,12 @@ def train_jbu(recipe: JbuRecipe) -> dict:
     t = recipe.training
     torch.manual_seed(t.seed)  # dropout masks and the criterion's helper init
 
-    dataset = ImageFolderDataset(list_images(recipe.data.path, recipe.data.max_images), size,
-                                 processor.image_processor.image_mean, processor.image_processor.image_std)
+    if recipe.data.normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    dataset = ImageFolderDataset(list_images(recipe.data.path, recipe.data.max_images), size, mean, std,
+                                 recipe.data.resample)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.per_device_train_batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(t.seed))
     tower = model.vision_tower.to(device).eval().requires_grad_(False)
@@ -278,7 +341,8 @@ def train_jbu(recipe: JbuRecipe) -> dict:
     criterion = JBUStage0Loss(feat_dim=vision.hidden_size, patch_size=vision.patch_size, **asdict(recipe.loss))
     criterion.to(device).train()
     featurizer = clip_featurizer(tower, model.config.vision_feature_layer)
-    optimizer = torch.optim.NAdam([*upsampler.parameters(), *criterion.parameters()], lr=t.learning_rate)
+    trained = [*upsampler.parameters(), *criterion.parameters()]
+    optimizer = torch.optim.NAdam(trained, lr=t.learning_rate)
     generator = torch.Generator(device=device).manual_seed(t.seed)  # jitters and random projections
 
     steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
@@ -300,6 +364,8 @@ def train_jbu(recipe: JbuRecipe) -> dict:
                 micro += 1
                 if micro % t.gradient_accumulation_steps:
                     continue
+                if step < t.early_clip_steps:  # release: clip_gradients(opt, 1e-4, "norm") while global_step < 10
+                    torch.nn.utils.clip_grad_norm_(trained, t.early_clip_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -40,7 +40,9 @@ def convnext_large_d_320_config(**overrides) -> ConvNextConfig:
         depths=list(CONVNEXT_LARGE_DEPTHS),
         hidden_act="gelu",
         layer_norm_eps=1e-6,  # only the (unused) final LayerNorm reads this; block norms are fixed at 1e-6 like timm
-        drop_path_rate=0.0,  # frozen encoder: stochastic depth is never active
+        # Stochastic depth, active in training mode only. OpenCLIP's config has timm_drop_path 0.1 and the release
+        # trains with it on (MgSettings.hires_drop_path); 0 here: a frozen tower is deterministic unless asked.
+        drop_path_rate=0.0,
         image_size=320,  # OpenCLIP training resolution (metadata only; MG-LLaVA runs it at 768)
     )
     settings.update(overrides)
@@ -52,7 +54,8 @@ def convnext_features(model: ConvNextModel, pixel_values: torch.Tensor) -> tuple
 
     pixel_values (B, 3, H, W) -> last_feat (B, C3, H/32, W/32) and multi_stage (B, C0+C1+C2+C3, H/4, W/4).
     The final LayerNorm / pooler of `ConvNextModel` are not used (the release deletes them). Runs under no_grad: the
-    release keeps this encoder frozen in every stage.
+    release keeps this encoder frozen in every stage. A model built with drop_path_rate > 0 drops residual blocks at
+    random in training mode (as the release's training, `openclip_encoder.py:60`) and never in eval mode.
     """
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W); got shape {tuple(pixel_values.shape)}")

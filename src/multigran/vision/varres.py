@@ -44,8 +44,11 @@ def _tower_parts(vision_model: nn.Module):
 def interpolate_position_table(position_table: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> torch.Tensor:
     """Position embeddings for an (h, w) patch grid: (n_cls + h*w, C), from a square table (n_cls + side^2, C).
 
-    The patch part is resized bicubically (align_corners=False) in float32 and cast back; the native grid is returned
-    untouched. CLS (when present) keeps its own position.
+    The patch part is resized bicubically (align_corners=False) in the table's dtype, at least float32 (a float64
+    table in float64; a bf16/fp16 table in float32, rounded once on the way back - the release interpolates its bf16
+    table directly, adapt_clip_vision_model.py:63-72, whose CUDA kernel accumulates in float32: expected to agree up to
+    operation order, not checked on a GPU here). The native grid is returned untouched; CLS (when present) keeps its
+    own position.
     """
     n_cls = int(has_cls)
     cls_part, patch_part = position_table[:n_cls], position_table[n_cls:]
@@ -54,7 +57,8 @@ def interpolate_position_table(position_table: torch.Tensor, grid: tuple[int, in
         raise ValueError(f"position table of {patch_part.shape[0]} patch positions is not a square grid")
     height, width = grid
     if (height, width) != (side, side):
-        square = patch_part.float().T.reshape(1, -1, side, side)  # (1, C, side, side)
+        compute = torch.promote_types(position_table.dtype, torch.float32)
+        square = patch_part.to(compute).T.reshape(1, -1, side, side)  # (1, C, side, side)
         resized = F.interpolate(square, size=(height, width), mode="bicubic", align_corners=False)
         patch_part = resized.reshape(-1, height * width).T.to(position_table.dtype)  # (h*w, C)
     return torch.cat([cls_part, patch_part], dim=0)
