@@ -441,3 +441,23 @@ def test_anyres_stage1_then_stage2_end_to_end(workdir, tmp_path):
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert answer.strip() == name
+
+
+def test_recipe_method_settings_lay_over_the_models_for_the_run(tmp_path):
+    """`method_settings` in a recipe (e.g. MG-LLaVA's hires_drop_path, the release's stochastic depth of the frozen
+    ConvNeXt) reaches the model that trains; a bad value is refused by the method's settings class."""
+    from multigran.tiny import build_tiny
+    from multigran.train.trainer import load_model_for_training
+
+    build_tiny(tmp_path / "mg", method="mg", seed=0)
+    data, images = make_dataset(tmp_path, n=2)
+    tree = {"model": str(tmp_path / "mg"), "output_dir": str(tmp_path / "out"), "method": "mg",
+            "data": {"path": str(data), "image_folder": str(images)}, "trainable": {"visual": 1e-3},
+            "training": {}, "method_settings": {"hires_drop_path": 0.3}}
+    model = load_model_for_training(recipe_from_dict(tree, "test"))
+    assert model.config.method_settings["hires_drop_path"] == 0.3
+    rates = {m.drop_prob for m in model.modules() if type(m).__name__.endswith("DropPath")}
+    assert rates and max(rates) == pytest.approx(0.3)
+    tree["method_settings"] = {"hires_drop_path": 1.5}
+    with pytest.raises(ValueError, match="hires_drop_path"):
+        load_model_for_training(recipe_from_dict(tree, "test"))

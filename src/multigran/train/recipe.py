@@ -8,6 +8,8 @@ Schema (every recipe under recipes/ repeats it in a comment at its top):
     model_dtype: float32        # dtype the weights are loaded in: float32 (default; mixed precision comes from
                                 # training.bf16/fp16), bfloat16, float16 or auto (bf16 on CUDA, else float32)
     resume: false               # true: continue from the newest complete checkpoint in output_dir; or a checkpoint path
+    method_settings: {}         # optional: method settings laid over the model's for this run and saved with it
+                                # (e.g. MG-LLaVA's {hires_drop_path: 0.1}); validated by the method's settings class
     data:
       path: PATH | [PATHS]      # required: .json / .jsonl (LLaVA), mixture .yaml, or an image folder
       image_folder: PATH        # image paths in the records are relative to it
@@ -90,7 +92,7 @@ def load_yaml(text_or_stream):
 
 
 TOP_LEVEL_KEYS = {"model", "output_dir", "method", "model_dtype", "resume", "data", "trainable", "loss", "lora",
-                  "training"}
+                  "training", "method_settings"}
 FLAT_MAPS = {"trainable"}  # sections whose keys are dotted prefixes, not nested paths
 
 
@@ -136,6 +138,7 @@ class Recipe:
     method: str | None = None
     model_dtype: str = "float32"
     resume: bool | str = False
+    method_settings: dict = field(default_factory=dict)
     source: str | None = None  # the recipe file
 
     def to_dict(self) -> dict:
@@ -334,11 +337,15 @@ def recipe_from_dict(tree: dict, source: str | None = None) -> Recipe:
     training = resolve_engine_config(training, where)
     if tree.get("model_dtype", "float32") not in ("float32", "bfloat16", "float16", "auto"):
         raise ValueError(f"recipe {where}: model_dtype must be float32, bfloat16, float16 or auto")
+    method_settings = tree.get("method_settings") or {}
+    if not isinstance(method_settings, dict):
+        raise ValueError(f"recipe {where}: method_settings must be a mapping of the method's settings, got "
+                         f"{type(method_settings).__name__}")
     return Recipe(
         model=str(tree["model"]), output_dir=str(tree["output_dir"]), data=data,
         trainable={str(k): float(v) for k, v in trainable.items()}, training=training, loss=loss, lora=lora,
         method=tree.get("method"), model_dtype=tree.get("model_dtype", "float32"), resume=tree.get("resume", False),
-        source=source,
+        method_settings=dict(method_settings), source=source,
     )
 
 

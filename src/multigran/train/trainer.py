@@ -448,6 +448,13 @@ def load_model_for_training(recipe):
         from .lora import qlora_quantization_config
 
         kwargs["quantization_config"] = qlora_quantization_config()
+    if recipe.method_settings:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(recipe.model)
+        config.method_settings = {**config.method_settings, **recipe.method_settings}
+        # the method's settings class validates them when the model is built
+        kwargs["config"] = config
     model = AutoModelForImageTextToText.from_pretrained(recipe.model, **kwargs)
     if recipe.method is not None and model.config.method != recipe.method:
         raise ValueError(f"the recipe is for method {recipe.method!r} but {recipe.model} is a "
