@@ -19,18 +19,9 @@ STAGE_RUNNERS = {
 
 def recipe_stage(path) -> str | None:
     """The `stage:` of a recipe file or shipped recipe name (None for Trainer recipes)."""
-    import yaml
+    from .recipe import read_recipe_file
 
-    from ..json_io import read_text
-    from .recipe import load_yaml, resolve_recipe
-
-    path = resolve_recipe(path)
-    try:
-        tree = load_yaml(read_text(path))
-    except yaml.YAMLError as error:
-        raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(error).split())}") from None
-    except RecursionError:
-        raise ValueError(f"recipe {path}: YAML nested too deeply") from None
+    _, tree = read_recipe_file(path)
     return tree.get("stage") if isinstance(tree, dict) else None
 
 

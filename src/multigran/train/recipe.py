@@ -365,20 +365,25 @@ def resolve_recipe(path) -> str:
     return str(shipped)
 
 
+def read_recipe_file(path):
+    """(resolved path, parsed YAML) of a recipe file or shipped recipe name; bad YAML is one clear error."""
+    from ..json_io import read_text
+
+    path = resolve_recipe(path)
+    try:
+        return path, load_yaml(read_text(path))
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ValueError(f"recipe {path}: YAML nested too deeply") from None
+
+
 def load_recipe(path, overrides=()) -> Recipe:
     """Reads a recipe YAML, applies `key.sub=value` overrides, validates it (unknown keys are errors).
 
     `path` is a file, or the name of a recipe shipped with the package (`anyres/stage2_finetune.yaml`, also written
     `recipes/anyres/stage2_finetune.yaml`), so installed copies work outside the repository too."""
-    from ..json_io import read_text
-
-    path = resolve_recipe(path)
-    try:
-        tree = load_yaml(read_text(path))
-    except yaml.YAMLError as error:
-        raise ValueError(f"recipe {path}: not valid YAML: {' '.join(str(error).split())}") from None
-    except RecursionError:
-        raise ValueError(f"recipe {path}: YAML nested too deeply") from None
+    path, tree = read_recipe_file(path)
     tree = copy.deepcopy(tree) if isinstance(tree, dict) else tree
     if not isinstance(tree, dict):
         raise ValueError(f"recipe {path}: expected a YAML mapping at the top level")
