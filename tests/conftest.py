@@ -23,3 +23,12 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_anyres")
     build_tiny(path, method="anyres", seed=0)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on shared, busy cores spend their time waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ from PIL import Image
 from multigran import MultiGranForConditionalGeneration
 from multigran.cli import main
 from multigran.configuration import MultiGranConfig
-from multigran.pipelines.avg import select_instruction_tokens
+from multigran.pipelines.granularity import select_instruction_tokens
 from multigran.processing import MultiGranImageProcessor, MultiGranProcessor
 from multigran.tiny import build_tiny, build_tiny_tokenizer, tiny_text_config, tiny_vision_config
 

@@ -14,13 +14,11 @@ from PIL import Image
 from multigran import MultiGranForConditionalGeneration
 from multigran.configuration import MultiGranConfig
 from multigran.pipelines.anyres import AnyResSettings, count_anyres_tokens
-from multigran.pipelines.avg import (
+from multigran.pipelines.avg import AvgSettings, count_tokens_at_granularity, merge_at_granularity
+from multigran.pipelines.granularity import (
     AvgRouter,
-    AvgSettings,
-    count_tokens_at_granularity,
     filter_instruction_tokens,
     granularity_levels,
-    merge_at_granularity,
     pool_level,
     select_instruction_tokens,
 )

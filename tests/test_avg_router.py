@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multigran.pipelines.avg import (
+from multigran.pipelines.granularity import (
     AvgRouter,
     choose_granularity,
     filter_instruction_tokens,
@@ -255,8 +255,13 @@ def test_instruction_mask_training_vs_inference():
     attention = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0])
     labels = torch.tensor([-100, -100, -100, -100, -100, -100, -100, 20, 21, 2, -100])
     keep, valid = select_instruction_tokens(input_ids, image, attention)  # inference: every attended prompt token
-    assert keep.tolist() == [0, 1, 4, 5, 6, 7, 8, 9, 10]  # image placeholders removed
-    assert valid.tolist() == [True] * 8 + [False]  # padding masked
+    assert keep.tolist() == [0, 1, 4, 5, 6, 7, 8, 9]  # image placeholders and the batch's padding removed
+    assert valid.tolist() == [True] * 8
+    # A prompt routes as it does alone: the same tokens whatever padding the batch gave it (left or right).
+    alone, _ = select_instruction_tokens(input_ids[:10], image, attention[:10])
+    left = torch.cat([torch.tensor([0, 0]), input_ids[:10]])
+    shifted, _ = select_instruction_tokens(left, image, torch.cat([torch.tensor([0, 0]), attention[:10]]))
+    assert input_ids[keep].tolist() == input_ids[:10][alone].tolist() == left[shifted].tolist()
     keep, valid = select_instruction_tokens(input_ids, image, attention, labels)  # training: answers excluded
     assert keep.tolist() == [0, 1, 4, 5, 6, 7, 8, 9, 10]
     assert valid.tolist() == [True, True, True, True, True, False, False, False, False]

@@ -9,12 +9,8 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, unpad_image
 
-from multigran.pipelines.avg import (
-    count_tokens_at_granularity,
-    granularity_levels,
-    merge_at_granularity,
-    pool_level,
-)
+from multigran.pipelines.avg import count_tokens_at_granularity, merge_at_granularity
+from multigran.pipelines.granularity import granularity_levels, pool_level
 
 # CLIP-L/336 geometry: 24x24 patches per 336 px tile; LLaVA-NeXT pinpoints in (height, width) order.
 GRID = 24

@@ -191,7 +191,7 @@ def test_processor_text_and_granularity_are_validated(processor, tmp_path):
 
 
 def test_router_knobs_are_validated():
-    from multigran.pipelines.avg import choose_granularity
+    from multigran.pipelines.granularity import choose_granularity
 
     logits, levels, counts = torch.zeros(3), [36, 144, 576], [100, 400, 1600]
     for bias in (float("nan"), float("inf"), "abc", None):

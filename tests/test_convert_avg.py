@@ -197,7 +197,8 @@ def test_stage3_release_without_router(tmp_path, clip_dir):
     write_release(tmp_path / "release", tensors, router=False)
     from_avg_llava(tmp_path / "release", tmp_path / "out", clip_dir=clip_dir)
     model = MultiGranForConditionalGeneration.from_pretrained(tmp_path / "out")
-    assert not hasattr(model.visual, "router") and model.config.method_settings["granularity"] == 16
+    assert model.visual.router is None and not any(k.startswith("visual.router") for k in model.state_dict())
+    assert model.config.method_settings["granularity"] == 16
 
 
 def release_count(width, height, granularity, merge_type, tile=16, patch=4):

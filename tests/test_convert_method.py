@@ -14,7 +14,9 @@ def test_anyres_to_avg_keeps_shared_weights_and_adds_the_router(tmp_path):
     report = switch_method(tmp_path / "anyres", tmp_path / "avg", "avg", {"compat": False})
     assert report["dropped"] == [] and report["new"] and all(k.startswith("visual.router.") for k in report["new"])
     target = MultiGranForConditionalGeneration.from_pretrained(tmp_path / "avg").eval()
-    assert target.config.method == "avg" and target.config.method_settings == {"compat": False}
+    # AnyRes's merge settings move with the model (its token layout stays what it was trained with).
+    assert target.config.method == "avg" and target.config.method_settings == {
+        "compat": False, "unpad_rounding": "hf", "patch_merge": "spatial_unpad"}
     target_state = target.state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(target_state[key], value), key

@@ -74,20 +74,56 @@ def test_quick_demo_of_mg_llava_and_llava_uhd_v2(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["methods"] == ["anyres", "mg", "uhd"]  # both start from the LLaVA-NeXT stage-2 model
     assert list(results["stages"]) == ["anyres/stage1", "anyres/stage2", "mg/stage1", "mg/stage2", "uhd/stage0",
-                                       "uhd/stage1", "uhd/stage2"]
+                                       "uhd/stage1", "uhd/stage2", "anyres/stage2-hires"]
     evaluation = results["evaluation"]
-    assert set(evaluation) == {"anyres", "mg", "mg, no boxes", "uhd"}
+    assert set(evaluation) == {"anyres", "mg", "mg, no boxes", "uhd", demo.ANYRES_HIRES}
     # MG-LLaVA: 144 fused tokens + one object token per ground-truth box, or one all-zero box without boxes.
     assert evaluation["mg"]["mean_visual_tokens"] == 144 + demo.HIRES_TASK["num_objects"]
     assert evaluation["mg, no boxes"]["mean_visual_tokens"] == 144 + 1
-    # LLaVA-UHD v2: a 192-px image is 2x2 slices of 96 px plus the overview, 144 tokens each + a separator per slice.
-    assert evaluation["uhd"]["mean_visual_tokens"] == 4 * 145 + 144
+    # LLaVA-UHD v2: a 192-px image is 2x2 slices of 96 px plus the overview, 6x6 query tokens each + a separator per
+    # slice; its baseline, AnyRes on the same split, sees the image as one 96-px tile: 144 base + 144 tile + 12 rows.
+    assert demo.UHD_SETTINGS["query_grid"] == 6
+    assert evaluation["uhd"]["mean_visual_tokens"] == 4 * (36 + 1) + 36
+    assert evaluation[demo.ANYRES_HIRES]["mean_visual_tokens"] == 144 + 144 + 12
+    hires_image = tmp_path / "data-hires" / json.loads((tmp_path / "data-hires" / "test.json").read_text())[0]["image"]
+    for model, name in (("uhd-stage2", "uhd"), ("anyres-hires-stage2", demo.ANYRES_HIRES)):
+        processor = MultiGranProcessor.from_pretrained(tmp_path / model)
+        assert evaluation[name]["mean_visual_tokens"] == processor.count_image_tokens(str(hires_image))[0]
+    targets = results["targets"]
+    assert targets["uhd_tokens_share_of_anyres_192px"]["value"] == pytest.approx(100 * 184 / 300)
+    gain = (evaluation["uhd"]["accuracy_by_type"]["object"]
+            - evaluation[demo.ANYRES_HIRES]["accuracy_by_type"]["object"])
+    assert targets["uhd_object_gain_over_anyres_192px"]["value"] == pytest.approx(gain)
+    assert f"| {demo.ANYRES_HIRES} |" in (tmp_path / "report.md").read_text()
+    # the 192-px data have a validation split (for tuning), disjoint from the test split's images
+    val, test = (json.loads((tmp_path / "data-hires" / f"{split}.json").read_text()) for split in ("val", "test"))
+    assert len(val) == demo.SCALES["quick"].val and not {r["image"] for r in val} & {r["image"] for r in test}
     assert set(evaluation["mg"]["accuracy_by_type"]) == {"coarse", "fine", "object"}
     assert "mg_object_gain_from_object_tokens" in results["targets"]
     assert "| mg, no boxes |" in (tmp_path / "report.md").read_text()
     # a third of the training images have no boxes: the same model also learns to answer without object tokens
     train_boxes = json.loads((tmp_path / "data-hires" / "boxes-train.json").read_text())
     assert sum(not r["boxes"] for r in train_boxes) == len(train_boxes) // 3
+
+
+def summary(accuracy, object_accuracy, tokens):
+    return {"accuracy": accuracy, "accuracy_by_type": {"object": object_accuracy}, "mean_visual_tokens": tokens}
+
+
+@pytest.mark.parametrize("uhd, anyres, met", [
+    (summary(90, 80, 184), summary(80, 33, 300), {"accuracy": True, "gain": True, "tokens": True}),
+    (summary(70, 80, 184), summary(80, 33, 300), {"accuracy": False, "gain": True, "tokens": True}),
+    (summary(90, 60, 184), summary(80, 33, 300), {"accuracy": True, "gain": False, "tokens": True}),
+    (summary(90, 80, 724), summary(80, 33, 300), {"accuracy": True, "gain": True, "tokens": False}),
+])
+def test_uhd_targets_compare_with_anyres_on_the_same_split(uhd, anyres, met):
+    targets = demo.check_targets({"uhd": uhd, demo.ANYRES_HIRES: anyres})
+    assert targets["uhd_accuracy"]["met"] is met["accuracy"]
+    gain = targets["uhd_object_gain_over_anyres_192px"]
+    assert gain["value"] == uhd["accuracy_by_type"]["object"] - 33 and gain["met"] is met["gain"]
+    share = targets["uhd_tokens_share_of_anyres_192px"]
+    assert share["value"] == pytest.approx(100 * uhd["mean_visual_tokens"] / 300) and share["met"] is met["tokens"]
+    assert "uhd_accuracy" not in demo.check_targets({"uhd": uhd})  # no baseline row, no claim
 
 
 # ------------------------------------------------------------------ the benchmark's property on the demo model
@@ -106,7 +142,7 @@ def test_the_demo_model_cannot_see_the_fine_answer_at_levels_0_to_2(tmp_path):
     differ. This is why a fine question cannot be answered at the coarse levels, whatever the training."""
     from multigran.demo import demo_tokenizer, init_model
     from multigran.modeling import MultiGranForConditionalGeneration
-    from multigran.pipelines.avg import granularity_levels
+    from multigran.pipelines.granularity import granularity_levels
 
     init_model(tmp_path / "model", "avg", demo_tokenizer(), seed=3)
     model = MultiGranForConditionalGeneration.from_pretrained(tmp_path / "model").eval()

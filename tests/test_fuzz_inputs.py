@@ -53,27 +53,6 @@ class Outcome:
 
 CORPUS_COUNTS: Counter = Counter()
 
-# Cases whose handling lives in code maintained apart from the loaders, readers and validators this corpus was written
-# with (case name prefix -> where it is handled). They run and are reported with the counts, but do not fail the test;
-# delete an entry once its module handles the case.
-ELSEWHERE = {
-    "eval [--data image_int.json]": "the evaluation record reader (evaluate/runner.py)",
-    "eval [--data image_list.json]": "the evaluation record reader (evaluate/runner.py)",
-    "convert [uhd-v2:": "convert/uhd_v2.py: its model_type error names no file",
-    "convert [avg-llava:": "convert/avg_llava.py: its model_type error names no file",
-    "model [pixel_values 2-d]": "modeling.py: forward input checks",
-    "model [image_sizes zero]": "modeling.py: forward input checks",
-    "model [input_ids out of vocabulary]": "modeling.py: forward input checks",
-    "model [input_ids negative]": "modeling.py: forward input checks",
-    "model [model on the meta device]": "modeling.py: forward input checks",
-}
-
-
-def elsewhere(case) -> str | None:
-    label = f"{case.entry} [{case.name}]"
-    return next((owner for prefix, owner in ELSEWHERE.items() if label.startswith(prefix)), None)
-
-
 # --- building blocks ------------------------------------------------------------------------------------------------
 
 
@@ -610,19 +589,13 @@ def test_fuzz_corpus(corpus, capfd, monkeypatch):
         seconds[case.entry] += time.perf_counter() - start
     CORPUS_COUNTS.clear()
     for outcome in outcomes:
-        status = "ok" if outcome.problem is None else "elsewhere" if elsewhere(outcome.case) else "FAILED"
+        status = "ok" if outcome.problem is None else "FAILED"
         CORPUS_COUNTS[(outcome.case.entry, "bad" if not outcome.case.good else "good", status)] += 1
     with capfd.disabled():
         print(f"\nfuzz corpus: {len(corpus)} inputs")
         for entry in sorted({c.entry for c in corpus}):
             row = {key[1:]: n for key, n in CORPUS_COUNTS.items() if key[0] == entry}
             print(f"  {entry:14s} {seconds[entry]:5.1f} s  " + ", ".join(f"{kind} {status}: {n}" for (kind, status), n in sorted(row.items())))
-    pending = [f"{o.case.entry} [{o.case.name}]: {o.problem} ({elsewhere(o.case)})" for o in outcomes
-               if o.problem is not None and elsewhere(o.case)]
-    if pending:
-        with capfd.disabled():
-            print(f"{len(pending)} case(s) handled elsewhere, not yet as this corpus expects:\n  " + "\n  ".join(pending))
-    failures = [f"{o.case.entry} [{o.case.name}]: {o.problem}" for o in outcomes
-                if o.problem is not None and not elsewhere(o.case)]
+    failures = [f"{o.case.entry} [{o.case.name}]: {o.problem}" for o in outcomes if o.problem is not None]
     assert len([c for c in corpus if not c.good]) >= 300
     assert not failures, f"{len(failures)} of {len(corpus)} inputs mishandled:\n" + "\n".join(failures)

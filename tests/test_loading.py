@@ -68,6 +68,29 @@ def test_allow_missing_loads_a_partial_checkpoint_but_not_a_wrong_one(model_copy
         load_model(model_copy, "cpu", allow_missing=True)
 
 
+def test_from_pretrained_itself_and_the_auto_classes_refuse_missing_weights(model_copy):
+    """Loads that bypass multigran's loaders (a user's own `from_pretrained`) are checked too."""
+    from transformers import AutoModelForImageTextToText
+
+    from multigran import MultiGranForConditionalGeneration
+
+    edit(model_copy, lambda s: [s.pop(k) for k in list(s) if k.startswith("visual.projector.")])
+    for load in (MultiGranForConditionalGeneration.from_pretrained, AutoModelForImageTextToText.from_pretrained):
+        with pytest.raises(WeightsMismatchError, match=r"4 weight\(s\) the model needs are missing from .*model.safetensors"
+                                                       r": visual.projector.linear_1.bias"):
+            load(model_copy)
+        model = load(model_copy, allow_missing=True)  # a deliberately partial load, explicit
+        assert model.visual.projector.linear_1.weight.shape[0] == model.config.text_config.hidden_size
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    edit(model_copy, lambda s: s.update({key: torch.zeros(3, 5)}))
+    with pytest.raises(WeightsMismatchError, match="mis-shaped"):
+        MultiGranForConditionalGeneration.from_pretrained(model_copy, allow_missing=True)
+    # transformers' own switch keeps its meaning: re-initialise the mis-shaped weight
+    model = MultiGranForConditionalGeneration.from_pretrained(model_copy, allow_missing=True,
+                                                              ignore_mismatched_sizes=True)
+    assert model.get_parameter(key).shape == (64, 64)
+
+
 def test_misshaped_and_unexpected_weights_are_refused(model_copy):
     key = "language_model.model.layers.0.self_attn.q_proj.weight"
     edit(model_copy, lambda s: s.update({key: torch.zeros(3, 5), "visual.extra.weight": torch.zeros(2)}))

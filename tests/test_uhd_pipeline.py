@@ -174,8 +174,8 @@ def test_step_options_max_slices_and_pre_resize(tiny):
     # Pre-resize long side 16: 80x48 -> 16x9, below S^2 -> not sliced.
     out = uhd_step(processor.image_processor, [image], pre_resize_long_side=16)
     assert out["image_token_counts"] == [144] and out["image_sizes"].tolist() == [[48, 80]]
-    with pytest.raises(ValueError, match=r"option\(s\) \['granularity'\] do not apply to method 'uhd'"):
-        processor(images=image, text=PROMPT, granularity=36)
+    with pytest.raises(ValueError, match="granularity applies to models with the adaptive-granularity layer; this uhd"):
+        processor(images=image, text=PROMPT, granularity=36)  # a uhd model without the layer
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
@@ -234,6 +234,47 @@ def test_processor_count_equals_model_count(tiny, size):
     assert model.visual.placeholder_counts(inputs["image_sizes"], slice_grids=inputs["slice_grids"]) == [placeholders]
     cols, rows = inputs["slice_grids"][0].tolist()
     assert placeholders == 145 * cols * rows + 144
+
+
+@pytest.fixture(scope="module")
+def tiny_grid4():
+    """The tiny model with a 4x4 query grid: 16 tokens per view instead of the release's 144."""
+    return build_tiny(method="uhd", seed=0, method_settings={"query_grid": 4})
+
+
+@pytest.mark.parametrize("size", [(20, 20), (80, 48), (30, 200), (90, 40)])
+def test_query_grid_sets_the_tokens_per_view_and_the_accounting_stays_exact(tiny_grid4, size):
+    model, processor = tiny_grid4
+    assert model.visual.mm_projector.query_1.shape == (16, 64) and model.visual.mm_projector.pos_embed.shape == (16, 64)
+    inputs = processor(images=picture(*size, seed=9), text=PROMPT)
+    placeholders = int((inputs["input_ids"] == processor.image_token_id).sum())
+    with torch.no_grad():
+        out, features = run_model(model, inputs)
+        reference = reference_tokens(model, inputs, 0)
+    cols, rows = inputs["slice_grids"][0].tolist()
+    slices = cols * rows
+    assert placeholders == 17 * slices + 16 == processor.count_image_tokens(picture(*size, seed=9))[0]
+    assert out.image_token_counts == [placeholders] == [features[0].shape[0]]
+    assert model.visual.placeholder_counts(inputs["image_sizes"], slice_grids=inputs["slice_grids"]) == [placeholders]
+    assert model.visual.last_report[0]["visual_tokens"] == placeholders
+    # the separators sit after every 16 tokens of a slice, the overview's 16 close the sequence
+    torch.testing.assert_close(features[0], reference, rtol=1e-4, atol=1e-5)
+    comma, newline = model.config.method_settings["separator_ids"]
+    table = model.get_input_embeddings().weight
+    for index in range(slices):
+        expected = newline if index % cols == cols - 1 else comma
+        assert torch.equal(features[0][17 * index + 16], table[expected])
+
+
+def test_query_grid_is_saved_and_validated(tmp_path):
+    build_tiny(tmp_path, method="uhd", seed=0, method_settings={"query_grid": 3})
+    loaded = MultiGranForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.visual.settings.query_grid == 3 and loaded.visual.mm_projector.num_queries == 9
+    assert MultiGranProcessor.from_pretrained(tmp_path).count_image_tokens(picture(80, 48)) == [10 * 4 + 9]
+    assert UhdSettings().query_grid == 12  # the release's 12x12
+    for value in (0, 2.5, True):
+        with pytest.raises((TypeError, ValueError), match="query_grid"):
+            UhdSettings(query_grid=value)
 
 
 def test_training_forward_reaches_every_trainable_part(tiny):

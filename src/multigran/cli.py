@@ -176,7 +176,9 @@ def add_demo_arguments(parser):
     parser.add_argument("--out", default="demo_out", help="output directory (an interrupted run resumes there)")
     parser.add_argument("--quick", action="store_true", help="a small run (well under 2 minutes) that checks the plumbing")
     parser.add_argument("--methods", default="anyres,avg",
-                        help="comma-separated from anyres, avg, mg, uhd (anyres, the base of the others, always runs)")
+                        help="comma-separated from anyres, avg, mg, uhd, mg+avg, uhd+avg (the composed models: the "
+                             "method + AVG-LLaVA's adaptive-granularity layer; mg+avg runs whenever mg and avg do; "
+                             "anyres, the base of the others, always runs)")
     parser.add_argument("--seed", type=int, default=0)
 
 

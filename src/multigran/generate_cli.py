@@ -81,11 +81,12 @@ def add_generate_arguments(parser):
     parser.add_argument("--device", type=device_type, default="auto",
                         help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    parser.add_argument("--granularity", help="visual granularity: 'auto' (router) or tokens per crop (method avg)")
+    parser.add_argument("--granularity", help="visual granularity: 'auto' (router) or tokens per grid (models with adaptive granularity: avg, "
+                        "mg / uhd with the layer)")
     parser.add_argument("--max-visual-tokens", type=visual_tokens_type,
-                        help="auto granularity: the most probable level whose visual tokens per image fit (method avg)")
+                        help="auto granularity: the most probable level whose visual tokens per image fit")
     parser.add_argument("--granularity-bias", type=bias_type,
-                        help="auto granularity: cost in nats per 1000 visual tokens, > 0 favours coarser levels (avg)")
+                        help="auto granularity: cost in nats per 1000 visual tokens, > 0 favours coarser levels")
     parser.add_argument("--boxes", help="object boxes (method mg): a box-file path or a JSON list of [x1,y1,x2,y2]")
     parser.add_argument("--report", action="store_true",
                         help="print each request's per-image visual report (JSON: visual tokens, granularity, ...) to "

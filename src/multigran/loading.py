@@ -198,12 +198,12 @@ def from_pretrained_checked(path, allow_missing: bool, **kwargs):
     import multigran  # noqa: F401  (registers the Auto classes)
 
     load_config(path)
-    location = check_weight_files(path)
+    check_weight_files(path)  # corrupt or disguised files: one line naming the file, before transformers reads them
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="torch._weights_only_unpickler")  # the error below says it
         try:
-            model, info = AutoModelForImageTextToText.from_pretrained(
-                path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+            # The model's from_pretrained checks every weight against config.json (keys, files, shapes).
+            model = AutoModelForImageTextToText.from_pretrained(path, allow_missing=allow_missing, **kwargs)
         except pickle.UnpicklingError:
             raise ValueError(f"{_bin_files(path)}: not a plain tensor checkpoint: it holds pickled Python objects, "
                              "which are refused (never unpickled); convert the weights to safetensors") from None
@@ -213,7 +213,6 @@ def from_pretrained_checked(path, allow_missing: bool, **kwargs):
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"{_bin_files(path)}: not a readable PyTorch checkpoint ({first[:200]}); the file is "
                              "empty, truncated or corrupt") from None
-    check_loading_info(info, path, location, allow_missing)
     return model
 
 

@@ -162,6 +162,27 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing: bool = False, **kwargs):
+        """transformers' `from_pretrained` (also through the Auto classes), refusing a checkpoint whose weights do not
+        match config.json: missing, unexpected or mis-shaped weights end in one `WeightsMismatchError` naming the keys
+        and files (transformers would fill missing weights randomly and generate garbage). `allow_missing=True`
+        loads a deliberately partial checkpoint (missing weights keep their initialisation, logged);
+        `ignore_mismatched_sizes=True` keeps transformers' meaning (re-initialise mis-shaped weights)."""
+        import os
+
+        from .loading import check_loading_info, check_weight_files
+
+        wants_info = kwargs.pop("output_loading_info", False)
+        forgive_shapes = kwargs.pop("ignore_mismatched_sizes", False)
+        path = pretrained_model_name_or_path
+        location = check_weight_files(path) if os.path.isdir(path) else None  # key -> file, for the error
+        model, info = super().from_pretrained(path, *model_args, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        check_loading_info({**info, "mismatched_keys": [] if forgive_shapes else info.get("mismatched_keys")}, path,
+                           location, allow_missing)
+        return (model, info) if wants_info else model
+
     # Embeddings are the LM's: generation, resizing and tying go through it.
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -214,6 +235,39 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask[..., None], features)
 
+    def check_inputs(self, input_ids=None, pixel_values=None, image_sizes=None):
+        """One clear ValueError for inputs the model cannot run: a model left on the meta device, pixel_values that
+        are not (images[, views], 3, H, W), image sizes that are not positive (height, width) pairs, token ids outside
+        the vocabulary (the image placeholder excepted). One host sync for all the value checks."""
+        if self.device.type == "meta" and not getattr(self, "hf_device_map", None):
+            raise ValueError("the model's weights are on the meta device (never loaded): load it with "
+                             "from_pretrained, or move it with model.to_empty(device=...) and load a state dict")
+        if pixel_values is not None and (not torch.is_tensor(pixel_values) or pixel_values.dim() not in (4, 5)):
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (images, 3, H, W) or (images, views, 3, H, W) tensor from "
+                             f"MultiGranProcessor, got {shape}")
+        values = []
+        if image_sizes is not None:
+            if not torch.is_tensor(image_sizes) or image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
+                shape = tuple(image_sizes.shape) if torch.is_tensor(image_sizes) else type(image_sizes).__name__
+                raise ValueError(f"image_sizes must be an (images, 2) tensor of (height, width), got {shape}")
+            if image_sizes.numel():
+                values.append(image_sizes.min())
+        if input_ids is not None and input_ids.numel():
+            text = input_ids.masked_fill(input_ids == self.config.image_token_id, 0)
+            values += [text.min(), text.max()]
+        if not values:
+            return
+        found = torch.stack([v.to("cpu", torch.long) for v in values]).tolist()
+        if image_sizes is not None and image_sizes.numel() and found[0] < 1:
+            raise ValueError(f"image_sizes must hold positive (height, width) pairs, got {image_sizes.tolist()}")
+        if input_ids is not None and input_ids.numel():
+            low, high = found[-2:]
+            vocabulary = self.get_input_embeddings().num_embeddings
+            if low < 0 or high >= vocabulary:
+                raise ValueError(f"input_ids must lie in [0, {vocabulary}) (the language model's vocabulary; the image "
+                                 f"token {self.config.image_token_id} excepted), got ids from {low} to {high}")
+
     def check_context(self, sequence_length: int, cache=None):
         limit = self.context_length
         past = cache.get_seq_length() if cache is not None else 0
@@ -253,6 +307,8 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
             return compute(self)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is None or cache.get_seq_length() == 0:  # the prompt, not every decoding step
+            self.check_inputs(input_ids, pixel_values, image_sizes)
         visual_inputs = {name: kwargs.pop(name) for name in self.visual.input_names if name in kwargs}
         if inputs_embeds is None:
             inputs_embeds = self.embed_text(input_ids)
@@ -332,6 +388,7 @@ class MultiGranForConditionalGeneration(MultiGranPreTrainedModel, GenerationMixi
         self.last_visual_report = None
         visual_inputs = {name: kwargs.pop(name) for name in self.visual.input_names if name in kwargs}
         override = kwargs.pop("granularity", None)
+        self.check_inputs(input_ids, pixel_values, image_sizes)
         has_images = pixel_values is not None and pixel_values.shape[0] > 0
         if input_ids is None:
             if has_images:

@@ -58,11 +58,11 @@ def rename_key(key: str) -> str:
     return key
 
 
-def config_from_release(release: dict, vision_config=None) -> MultiGranConfig:
+def config_from_release(release: dict, vision_config=None, config_file="config.json") -> MultiGranConfig:
     """The released LLaVA-style config.json -> MultiGranConfig (method "avg", compat on, the release's unpad rounding,
-    merge type and granularity levels)."""
+    merge type and granularity levels). `config_file` names the file in errors."""
     if release.get("model_type") not in ("llava_llama", "llava_mistral", "llava_qwen"):
-        raise CheckpointMismatchError(f"model_type {release.get('model_type')!r} is not an AVG-LLaVA/LLaVA-NeXT "
+        raise CheckpointMismatchError(f"{config_file}: model_type {release.get('model_type')!r} is not an AVG-LLaVA/LLaVA-NeXT "
                                       "release (llava_llama, llava_mistral or llava_qwen)")
     llm_type = release["model_type"].split("_", 1)[1].replace("qwen", "qwen2")
     text = {k: v for k, v in release.items() if not k.startswith(_NOT_LLM)}
@@ -157,7 +157,7 @@ def from_avg_llava(src_dir, dst_dir, clip_dir=None) -> Path:
     if clip_dir is not None:
         clip_config = AutoConfig.from_pretrained(clip_dir)
         vision_config = getattr(clip_config, "vision_config", clip_config)
-    config = config_from_release(json.loads(config_path.read_text()), vision_config)
+    config = config_from_release(json.loads(config_path.read_text()), vision_config, config_file=config_path)
 
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     if "<image>" not in tokenizer.get_vocab():

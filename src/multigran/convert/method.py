@@ -17,6 +17,27 @@ from ..pipelines import PIPELINES, settings_for
 logger = logging.getLogger(__name__)
 
 
+# AnyRes's merge settings, which AVG-LLaVA (AnyRes + the adaptive-granularity layer) shares: a model keeps them when
+# it moves between the two methods, so that its token layout does not change under it.
+ANYRES_MERGE_SETTINGS = ("unpad_rounding", "patch_merge")
+
+
+def carried_settings(source_method: str, source: dict | None, method: str, given: dict | None) -> dict:
+    """The new method's settings: `given` laid over what the source model's settings still mean under `method`
+    (all of them for the same method, e.g. adding `adaptive_granularity` to an mg model; AnyRes's merge settings
+    between anyres and avg; nothing otherwise)."""
+    source, given = dict(source or {}), dict(given or {})
+    if source_method == method:
+        return {**source, **given}
+    if {source_method, method} == {"anyres", "avg"}:
+        from ..pipelines.anyres import AnyResSettings
+        from ..pipelines.avg import AvgSettings
+
+        effective = (AnyResSettings if source_method == "anyres" else AvgSettings)(**source)  # defaults resolved
+        return {**{k: getattr(effective, k) for k in ANYRES_MERGE_SETTINGS}, **given}
+    return given
+
+
 def switch_method(src_dir, dst_dir, method: str, method_settings: dict | None = None, seed: int = 0) -> dict:
     """Writes `dst_dir` (model + processor) with `method`; returns {"new": [...], "dropped": [...]} parameter names."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
@@ -26,8 +47,9 @@ def switch_method(src_dir, dst_dir, method: str, method_settings: dict | None = 
         raise ValueError(f"method settings must be a JSON object, got {type(method_settings).__name__}")
     config = load_config(src_dir)  # every file of SRC checked first: errors name the file
     processor = load_processor(src_dir)
+    config.method_settings = settings_for(
+        method, carried_settings(config.method, config.method_settings, method, method_settings), processor.tokenizer)
     config.method = method
-    config.method_settings = settings_for(method, method_settings, processor.tokenizer)
     source = from_pretrained_checked(src_dir, allow_missing=False)
     torch.manual_seed(seed)
     try:

@@ -186,15 +186,16 @@ def release_separator_ids(tokenizer, vocab_size: int, where) -> list[int]:
 
 
 def config_from_release(release: dict, tokenizer, vision_config=None, feature_scale_mask=None,
-                        separators: str = "release", where="release") -> MultiGranConfig:
+                        separators: str = "release", where="release", config_file="config.json") -> MultiGranConfig:
     """The released LLaVA-UHD v2 config.json -> MultiGranConfig (method "uhd", compat on, the release's evaluation
-    pre-resize 1024, the release's separator ids [29892, 13] or, with separators="tokenizer", the tokenizer's)."""
+    pre-resize 1024, the release's separator ids [29892, 13] or, with separators="tokenizer", the tokenizer's).
+    `config_file` names the file in errors."""
     if separators not in SEPARATOR_CHOICES:
         raise ValueError(f"separators must be one of {list(SEPARATOR_CHOICES)}, got {separators!r}")
     model_type = release.get("model_type")
     if model_type not in _LLM_TYPES:
         raise CheckpointMismatchError(
-            f"model_type {model_type!r} is not a LLaVA-UHD v2 release ({', '.join(sorted(_LLM_TYPES))})"
+            f"{config_file}: model_type {model_type!r} is not a LLaVA-UHD v2 release ({', '.join(sorted(_LLM_TYPES))})"
         )
     text = {k: v for k, v in release.items() if not k.startswith(_NOT_LLM_UHD)}
     text_config = AutoConfig.for_model(_LLM_TYPES[model_type], **text)
@@ -256,7 +257,7 @@ def from_uhd_v2(src_dir, dst_dir, jbu_ckpt=None, clip_dir=None, feature_scale_ma
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     config = config_from_release(json.loads(config_path.read_text()), tokenizer, vision_config, feature_scale_mask,
-                                 separators, where=str(src_dir))
+                                 separators, where=str(src_dir), config_file=config_path)
     logger.info("%s: evaluation pre-resize of the long side to %d before slicing, as the release's evaluation "
                 "(llava/eval/model_vqa_loader.py:56-61); per benchmark pass pre_resize_long_side=uhd_eval_pre_resize("
                 "task) to the processor (1536 TextVQA, None AI2D/MMBench)", src_dir, EVAL_PRE_RESIZE_LONG_SIDE)

@@ -47,8 +47,8 @@ def add_eval_arguments(parser):
                         "answer JSONL ({\"question_id\", \"text\"}) or the task's submission JSON")
     parser.add_argument("--granularity", help="'auto' or tokens per crop; several, comma-separated, run side by side "
                         "(e.g. 36,144,576,auto)")
-    parser.add_argument("--max-visual-tokens", type=int_at_least(1), help="auto granularity: the token budget (avg)")
-    parser.add_argument("--granularity-bias", type=float, help="auto granularity: cost in nats per 1000 tokens (avg)")
+    parser.add_argument("--max-visual-tokens", type=int_at_least(1), help="auto granularity: the token budget")
+    parser.add_argument("--granularity-bias", type=float, help="auto granularity: cost in nats per 1000 tokens")
     parser.add_argument("--boxes", help="box file (method mg), joined by question id (records mode: by record id)")
     parser.add_argument("--box-format", default="square", choices=["square", "normalized"],
                         help="RefCOCO: the model's box convention (square: LLaVA-1.5's padded square; normalized: "

@@ -56,6 +56,20 @@ def question_and_answer(record: dict, where: str) -> tuple[str, str | list[str] 
     return human.strip(), answer.strip()
 
 
+def record_image(record: dict, image_folder: Path, where: str):
+    """The record's image (`image`: a path relative to the image folder), or None for a text-only record (no
+    `image`, null or ""). Any other value is one error naming the file, record and field (instead of a TypeError
+    from joining a path with a number or a list)."""
+    image = record.get("image")
+    if image is None or image == "":
+        return None
+    if not isinstance(image, str):
+        name = record.get("id", record.get("question_id"))
+        raise ValueError(f"{where}: record {name!r}: 'image' should be a file name (a string), got "
+                         f"{type(image).__name__} {str(image)[:50]}")
+    return load_image(image_folder / image)
+
+
 def build_prompt(processor, question: str, n_images: int) -> str:
     """The chat prompt of a human turn: its text as is when it places its `<image>` placeholders itself (as the
     training data did), else the images first."""
@@ -88,7 +102,7 @@ def evaluate_records(model, processor, records, image_folder, *, where="records"
             question, answer = question_and_answer(record, where)
             questions.append(question)
             answers.append(answer)
-            images.append(load_image(image_folder / record["image"]) if record.get("image") else None)
+            images.append(record_image(record, image_folder, where))
         options = dict(processor_options)
         if boxes is not None:  # one entry per image
             options["boxes"] = [boxes.get(str(r.get("id", r.get("question_id")))) for r, image in zip(batch, images)
@@ -126,7 +140,7 @@ def measure_prefill(model, processor, records, image_folder, processor_options, 
     seconds = []
     for record in records:
         question, _ = question_and_answer(record, "records")
-        image = load_image(image_folder / record["image"]) if record.get("image") else None
+        image = record_image(record, image_folder, "records")
         options = dict(processor_options)
         if boxes is not None and image is not None:
             options["boxes"] = [boxes.get(str(record.get("id", record.get("question_id"))))]

@@ -11,6 +11,9 @@ Module names follow the release checkpoint keys (`projector.model.0`, `bbox_proj
 Method "mg" (bottom of the file): `MgSettings` (method_settings), the processor step `mg_step` (images + boxes ->
 pixel_values, pixel_values_aux, boxes, box_counts, token counts) and `MgPipeline` (the model's `visual` module).
 Per image the LLM receives [grid^2 fused image tokens][K object tokens], K = boxes kept for that image (>= 1).
+With `method_settings.adaptive_granularity` the fused grid goes through the adaptive-granularity layer
+(pipelines/granularity.py: pooled to one level per image, fixed or chosen by the router); object tokens stay as
+they are.
 `compat` (MgSettings) switches the box pipeline (multigran.data.boxes) and the ConvNeXt's training-time stochastic
 depth to the release's; the model computation is the same in both modes.
 """
@@ -46,6 +49,7 @@ from multigran.data.boxes import (
 )
 from multigran.ops.roi_align import roi_align_mean
 from multigran.pipelines.anyres import check_crop_geometry
+from multigran.pipelines.granularity import AdaptiveGranularity, GranularitySettings
 from multigran.vision import select_vision_features
 from multigran.vision.convnext import convnext_features, convnext_large_d_320_config
 
@@ -306,6 +310,8 @@ class MgSettings:
     grid_mismatch: what the Conv-Gate does when the ConvNeXt last stage and the CLIP token grid differ
         ("resample" the high-res map bilinearly, or "error"); the release needs high_res / 32 == 336 / 14.
     roi_output_size: RoIAlign output side before the mean (release box_feat_size).
+    adaptive_granularity: None (the release), or the settings of the adaptive-granularity layer over the fused grid
+        (`GranularitySettings` fields as a dict, {} = its defaults: router, five levels n^2/16 ... n^2, "auto").
     """
 
     compat: bool = False
@@ -317,8 +323,11 @@ class MgSettings:
     nms_iou: float = IOU_THRESHOLD
     grid_mismatch: str = "resample"
     roi_output_size: int = BOX_FEATURE_SIZE
+    adaptive_granularity: dict | None = None
 
     def __post_init__(self):
+        self.layer = None if self.adaptive_granularity is None else GranularitySettings.from_dict(
+            self.adaptive_granularity, "mg method_settings.adaptive_granularity")
         if not isinstance(self.compat, bool):
             raise ValueError(f"mg method_settings: compat must be true or false, got {self.compat!r}")
         for name in ("high_res", "max_boxes", "text_max_length", "roi_output_size"):
@@ -495,7 +504,7 @@ def _detections(entry, where: str):
 # --- method "mg": processor step -----------------------------------------------------------------------------------
 
 
-def mg_step(image_processor, images, boxes=None, text_length=None) -> dict:
+def mg_step(image_processor, images, boxes=None, text_length=None, granularity=None) -> dict:
     """MG-LLaVA preprocessing of RGB images and their object boxes.
 
     Returns pixel_values (images, 3, low, low) (low = the CLIP crop size), pixel_values_aux (images, 3, high, high),
@@ -504,6 +513,8 @@ def mg_step(image_processor, images, boxes=None, text_length=None) -> dict:
     and in the context budget). `boxes`: see `boxes_per_image` (one entry per image, original-image pixels).
     `text_length`: the sample's text tokens with one token per image placeholder (as the release's len(input_ids));
     with the `text_max_length` setting, a text of at least text_max_length - 50 tokens keeps one box per label.
+    `granularity` (models with the adaptive-granularity layer): "auto" or the fused grid's level in tokens; the
+    counts become level + K_i (1 placeholder per image in auto mode), and `image_granularity` is returned.
     """
     settings = mg_settings(image_processor.method_settings)
     low_res = image_processor.crop_size.height
@@ -531,7 +542,7 @@ def mg_step(image_processor, images, boxes=None, text_length=None) -> dict:
     padded = torch.zeros(len(images), max(counts), 4)
     for index, image_boxes in enumerate(canvas_boxes):
         padded[index, : len(image_boxes)] = image_boxes
-    return {
+    out = {
         "pixel_values": torch.stack(low),
         "pixel_values_aux": torch.stack(high),
         "image_sizes": torch.tensor(sizes, dtype=torch.long),
@@ -539,6 +550,13 @@ def mg_step(image_processor, images, boxes=None, text_length=None) -> dict:
         "box_counts": torch.tensor(counts, dtype=torch.long),
         "image_token_counts": [grid * grid + k for k in counts],
     }
+    if settings.layer is not None:
+        layer = AdaptiveGranularity(settings.layer, grid, image_token_id=-1)  # the processor never routes
+        out.update(layer.step(granularity, len(images), lambda i, tokens: tokens + counts[i]))
+    elif granularity is not None:
+        raise ValueError("granularity applies to models with the adaptive-granularity layer; this mg model has none "
+                         "(add it with method_settings.adaptive_granularity: multigran switch-method ... --to mg)")
+    return out
 
 
 # --- method "mg": the pipeline --------------------------------------------------------------------------------------
@@ -551,9 +569,9 @@ class MgPipeline(nn.Module):
     fused = fuse_module(CLIP features, ConvNeXt last stage) -> projector; object tokens = RoIAlign mean on the
     multi-stage ConvNeXt map -> bbox_projector. Keys (`visual.` prefix in the model): projector.model.{0,2},
     bbox_projector.model.{0,2}, fuse_module.*, as the release; hires_tower.* = Hugging Face ConvNextModel keys.
+    With the adaptive-granularity layer the fused grid is pooled to one level per image ([level tokens][K object
+    tokens]); the router (`router.*`) reads the unpooled fused grid and the instruction.
     """
-
-    input_names = ("pixel_values_aux", "boxes", "box_counts")
 
     def __init__(self, config):
         super().__init__()
@@ -578,14 +596,28 @@ class MgPipeline(nn.Module):
         self.fuse_module = ConvGateFusion(low_res_dim, hires_config.hidden_sizes[-1], self.settings.grid_mismatch)
         self.projector = MLPProjector(low_res_dim, text_dim)
         self.bbox_projector = MLPProjector(sum(hires_config.hidden_sizes), text_dim)
+        self.input_names = ("pixel_values_aux", "boxes", "box_counts")
+        self.adaptive = self.router = None
+        if self.settings.layer is not None:
+            self.adaptive = AdaptiveGranularity(self.settings.layer, self.grid, config.image_token_id)
+            self.router = self.adaptive.build_router(text_dim)
+            self.input_names += AdaptiveGranularity.input_names
 
-    def placeholder_counts(self, image_sizes, box_counts=None, **unused) -> list[int]:
+    def token_counter(self, image_sizes, box_counts=None, **unused):
         if box_counts is None:
             raise ValueError("method 'mg' needs box_counts (from MultiGranProcessor) to count each image's tokens")
-        return [self.grid * self.grid + int(k) for k in box_counts.tolist()]
+        boxes = box_counts.tolist()
+        return lambda i, granularity: granularity + int(boxes[i])
 
-    def forward(self, vision_tower, pixel_values, image_sizes=None, pixel_values_aux=None, boxes=None,
-                box_counts=None, **unused) -> list[torch.Tensor]:
+    def placeholder_counts(self, image_sizes, box_counts=None, image_granularity=None, **unused) -> list[int]:
+        count = self.token_counter(image_sizes, box_counts)
+        if self.adaptive is None:
+            return [count(i, self.grid * self.grid) for i in range(len(box_counts))]
+        return self.adaptive.placeholder_counts(image_granularity, len(box_counts), count)
+
+    def encode_grids(self, vision_tower, pixel_values, image_sizes=None, pixel_values_aux=None, boxes=None,
+                     box_counts=None, **unused):
+        """Per image its projected fused grid (1, grid^2, D); the context is its object tokens (K_i, D)."""
         if pixel_values_aux is None or boxes is None or box_counts is None:
             raise ValueError("method 'mg' needs pixel_values_aux, boxes and box_counts: build inputs with "
                              "MultiGranProcessor (boxes=... per image, None for none)")
@@ -609,8 +641,26 @@ class MgPipeline(nn.Module):
             self.bbox_projector, multi_stage, [b[:k] for b, k in zip(boxes, counts)], high_res,
             self.settings.roi_output_size,
         )  # per image (K_i, D)
-        features = [torch.cat([tokens, obj.to(tokens.dtype)]) for tokens, obj in zip(image_tokens, objects)]
-        self.last_report = [{"visual_tokens": f.shape[0], "object_tokens": k} for f, k in zip(features, counts)]
+        return list(image_tokens[:, None]), objects  # per image (1, 576, D); (K_i, D)
+
+    def assemble(self, grids, objects, granularities) -> list[torch.Tensor]:
+        """Per image [its fused grid at its level (None = unpooled)][its object tokens]."""
+        features = []
+        for grid, obj, granularity in zip(grids, objects, granularities):
+            tokens = grid if granularity is None else self.adaptive.pool(grid, granularity)[0]  # (1, g, D)
+            features.append(torch.cat([tokens[0], obj.to(tokens.dtype)]))
+        return features
+
+    def forward(self, vision_tower, pixel_values, image_sizes=None, pixel_values_aux=None, boxes=None,
+                box_counts=None, **inputs) -> list[torch.Tensor]:
+        grids, objects = self.encode_grids(vision_tower, pixel_values, image_sizes, pixel_values_aux, boxes, box_counts)
+        if self.adaptive is None:
+            features, report = self.assemble(grids, objects, [None] * len(grids)), [{} for _ in grids]
+        else:
+            count = self.token_counter(image_sizes, box_counts)
+            features, report = self.adaptive.apply(self, grids, objects, count, **inputs)
+        self.last_report = [{**entry, "visual_tokens": f.shape[0], "object_tokens": int(k)}
+                            for entry, f, k in zip(report, features, box_counts.tolist())]
         return features
 
 

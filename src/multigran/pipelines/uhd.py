@@ -40,6 +40,7 @@ from torch import nn
 
 from ..configuration import parse_method_settings
 from ..vision.varres import encode_variable_resolution
+from .granularity import AdaptiveGranularity, GranularitySettings
 from .uhd_hiwin import GRID_SIZE, HiwinProjector
 from .uhd_hiwin import IMPLEMENTATIONS as HIWIN_IMPLEMENTATIONS
 from .uhd_jbu import JBU2xStack, JBU4xStack, JBULearnedRange
@@ -318,6 +319,14 @@ class UhdSettings:
     hiwin_impl: how the window attention is computed: "fused" (default; the exact, several times cheaper
         reformulation) or "reference" (the release's order of operations, kept as the reference). Same outputs up to
         float rounding, same weights; see uhd_hiwin.
+    query_grid: queries (and windows) per side of every view's window attention: query_grid**2 tokens per slice and
+        for the overview. Default 12 (uhd_hiwin.GRID_SIZE: the release's 12x12 = 144 queries, `adapt_spatial_resampler
+        .py`); a smaller grid compresses each view further (e.g. 6: 36 tokens, windows twice as wide). It sets the
+        shapes of the queries and of the `pos_embed` table, so converted releases need 12.
+    adaptive_granularity: None (the release), or the settings of the adaptive-granularity layer over every view's
+        query_grid x query_grid tokens (`GranularitySettings` fields as a dict, {} = its defaults): all views of an
+        image (slices and overview) are pooled to one level, chosen per image by the router reading the unpooled views
+        (overview first) and the instruction; the separators stay as they are.
     """
 
     max_slices: int = MAX_SLICES_EVAL
@@ -328,8 +337,13 @@ class UhdSettings:
     separator_ids: list | None = None
     num_heads: int | None = None
     hiwin_impl: str = "fused"
+    query_grid: int = GRID_SIZE
+    adaptive_granularity: dict | None = None
 
     def __post_init__(self):
+        self.layer = None if self.adaptive_granularity is None else GranularitySettings.from_dict(
+            self.adaptive_granularity, "uhd method_settings.adaptive_granularity")
+        _check_positive_int(self.query_grid, "uhd method_settings: query_grid")
         _check_positive_int(self.max_slices, "uhd method_settings: max_slices")
         _optional_positive_int(self.scale_resolution, "uhd method_settings: scale_resolution")
         _optional_positive_int(self.pre_resize_long_side, "uhd method_settings: pre_resize_long_side")
@@ -356,6 +370,10 @@ class UhdSettings:
     @property
     def uses_jbu(self) -> bool:
         return bool(self.feature_scale_mask & 6)
+
+    @property
+    def tokens_per_view(self) -> int:
+        return self.query_grid * self.query_grid
 
 
 def separator_token_ids(tokenizer) -> list[int]:
@@ -405,12 +423,12 @@ class _FromSettings:
 FROM_SETTINGS = _FromSettings()
 
 
-def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=FROM_SETTINGS) -> dict:
+def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=FROM_SETTINGS, granularity=None) -> dict:
     """Processor step: adaptive slicing; every slice and the overview normalised at its own size.
 
     Options: `max_slices` (N_max, default `method_settings["max_slices"]`), `pre_resize_long_side` (evaluation
     pre-resize: an int, or None for none; default `method_settings["pre_resize_long_side"]`; per benchmark:
-    `uhd_eval_pre_resize`).
+    `uhd_eval_pre_resize`), `granularity` (models with the adaptive-granularity layer: "auto" or tokens per view).
 
     Returns (images on dim 0, zero-padded where sizes differ, so the collator can concatenate batches):
       pixel_values  (images, max_views, 3, H_max, W_max) float32: views of image i in token order (slices in raster
@@ -418,7 +436,8 @@ def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=FROM
       view_sizes    (images, max_views, 2) long: (height, width) in pixels of each view; (0, 0) for padding slots
       slice_grids   (images, 2) long: (cols, rows) of the slicing; (0, 0) when the image is not sliced
       image_sizes   (images, 2) long: (height, width) of each input image
-      image_token_counts: 145 * slices + 144 per image (`count_uhd_tokens`)
+      image_token_counts: (q + 1) * slices + q per image, q = query_grid**2 (release: 145 * slices + 144;
+                    `count_uhd_tokens`)
     """
     settings = parse_method_settings(UhdSettings, image_processor)
     max_slices = settings.max_slices if max_slices is None else max_slices
@@ -453,13 +472,20 @@ def uhd_step(image_processor, images, max_slices=None, pre_resize_long_side=FROM
             view_sizes[i, v] = torch.tensor(view.shape[1:])
         if piece["grid"] is not None:
             slice_grids[i] = torch.tensor(piece["grid"])
-    return {
+    out = {
         "pixel_values": pixel_values,
         "image_sizes": torch.tensor([[image.height, image.width] for image in images], dtype=torch.long),
         "view_sizes": view_sizes,
         "slice_grids": slice_grids,
-        "image_token_counts": [count_uhd_tokens(p["grid"]) for p in pieces],
+        "image_token_counts": [count_uhd_tokens(p["grid"], settings.tokens_per_view) for p in pieces],
     }
+    if settings.layer is not None:
+        layer = AdaptiveGranularity(settings.layer, settings.query_grid, image_token_id=-1)  # the processor: no routing
+        out.update(layer.step(granularity, len(images), lambda i, tokens: count_uhd_tokens(pieces[i]["grid"], tokens)))
+    elif granularity is not None:
+        raise ValueError("granularity applies to models with the adaptive-granularity layer; this uhd model has none "
+                         "(add it with method_settings.adaptive_granularity: multigran switch-method ... --to uhd)")
+    return out
 
 
 def _grid_or_none(grid) -> tuple[int, int] | None:
@@ -470,7 +496,8 @@ def _grid_or_none(grid) -> tuple[int, int] | None:
 class UhdPipeline(nn.Module):
     """LLaVA-UHD v2: views (slices + overview) -> one variable-resolution ViT pass (layer -2, CLS dropped) -> JBU
     inverse feature pyramid per view (`upsampler`, guided by the view's normalised pixels) -> hierarchical window
-    attention (`mm_projector`) -> 144 tokens per view -> [slice_1, sep_1, ..., slice_N, sep_N, overview].
+    attention (`mm_projector`) -> query_grid**2 tokens per view (release: 144) -> [slice_1, sep_1, ..., slice_N,
+    sep_N, overview].
 
     Key names: `visual.mm_projector.*` = the release's `model.mm_projector.*` (Hiwin), `visual.upsampler.*` = the
     release's `model.mm_projector.upsampler.upsampler.*` / the stage-0 checkpoint's JBU stack (up1, up2, fixup_proj;
@@ -478,9 +505,9 @@ class UhdPipeline(nn.Module):
 
     The separators are the LLM's input embeddings of "," and "\\n" (ids in `method_settings["separator_ids"]`): forward
     needs the embedding module as `embed_tokens` (the model passes `self.get_input_embeddings()`).
+    With the adaptive-granularity layer every view of an image is pooled to the image's level
+    ([slice_1 (g), sep_1, ..., overview (g)]); the router (`router.*`) reads the unpooled views, overview first.
     """
-
-    input_names = ("view_sizes", "slice_grids")
 
     @staticmethod
     def settings_from_tokenizer(settings: dict, tokenizer) -> dict:
@@ -511,13 +538,20 @@ class UhdPipeline(nn.Module):
         elif self.settings.feature_scale_mask & 2:
             self.upsampler = JBU2xStack(vision.hidden_size)
         self.mm_projector = HiwinProjector(
-            text.hidden_size, vision.hidden_size, GRID_SIZE, self.settings.feature_scale_mask, self.settings.compat,
+            text.hidden_size, vision.hidden_size, self.settings.query_grid, self.settings.feature_scale_mask,
+            self.settings.compat,
             self.settings.num_heads, impl=self.settings.hiwin_impl,
         )
         # The ids of "," and "\n", following the model's device. Not saved (config.method_settings holds them):
         # reset_parameters fills it, also after loading.
         self.register_buffer("separator_ids", torch.zeros(len(self.settings.separator_ids or ()), dtype=torch.long),
                              persistent=False)
+        self.input_names = ("view_sizes", "slice_grids")
+        self.adaptive = self.router = None
+        if self.settings.layer is not None:
+            self.adaptive = AdaptiveGranularity(self.settings.layer, self.settings.query_grid, config.image_token_id)
+            self.router = self.adaptive.build_router(text.hidden_size)
+            self.input_names += AdaptiveGranularity.input_names
         self.reset_parameters()
 
     @torch.no_grad()
@@ -578,7 +612,8 @@ class UhdPipeline(nn.Module):
     # -- model ------------------------------------------------------------------------------------------------------
 
     def view_tokens(self, vision_tower, views) -> torch.Tensor:
-        """(3, h_i, w_i) views -> (views, 144, D): ViT, pyramid and window attention, views of one size batched."""
+        """(3, h_i, w_i) views -> (views, q, D), q = query_grid**2 (release: 144): ViT, pyramid and window
+        attention, views of one size batched."""
         features = encode_variable_resolution(vision_tower, views, self.feature_layer, self.select_strategy)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, grid in enumerate(features):
@@ -593,7 +628,7 @@ class UhdPipeline(nn.Module):
                 levels = self.upsampler(source.to(dtype), guidance)  # (n, C, h|2h[|4h], w|2w[|4w]): 1x, 2x[, 4x]
             pyramids.append([levels[k] for k in self.levels])
             order += indices
-        tokens = self.mm_projector(pyramids)  # (views, 144, D) in group order
+        tokens = self.mm_projector(pyramids)  # (views, q, D) in group order
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return tokens[inverse.to(tokens.device)]
@@ -614,31 +649,64 @@ class UhdPipeline(nn.Module):
         ids = self.separator_ids.to(weight.device if weight is not None else like.device)
         return embed_tokens(ids).to(device=like.device, dtype=like.dtype)
 
-    def forward(self, vision_tower, pixel_values, image_sizes=None, view_sizes=None, slice_grids=None,
-                embed_tokens=None, **unused) -> list[torch.Tensor]:
+    def encode_grids(self, vision_tower, pixel_values, image_sizes=None, view_sizes=None, slice_grids=None,
+                     embed_tokens=None, **unused):
+        """Per image its views' tokens (views, q, D), the OVERVIEW FIRST (the view the router compares the
+        instruction with), then the slices in raster order; the context: per image its slice grid, and the
+        separator embeddings (2, D) (None when no image is sliced)."""
         views, grids = self.unpack_views(pixel_values, view_sizes, slice_grids)
-        tokens = self.view_tokens(vision_tower, views)
+        tokens = self.view_tokens(vision_tower, views)  # (all views, q, D), per image slices then overview
         separators = None
         if any(grid is not None for grid in grids):
             separators = self.separator_embeddings(embed_tokens, tokens)
-        features, start = [], 0
+        per_image, start = [], 0
         for grid in grids:
+            count = 1 if grid is None else grid[0] * grid[1] + 1
+            views_of_image = tokens[start:start + count]
+            per_image.append(torch.cat([views_of_image[-1:], views_of_image[:-1]]))  # overview first
+            start += count
+        return per_image, (grids, separators)
+
+    def assemble(self, grids, context, granularities) -> list[torch.Tensor]:
+        """Per image [slice_1, sep_1, ..., slice_N, sep_N, overview], every view at the image's level (None =
+        unpooled): ((g + 1) * slices + g, D)."""
+        slice_grids, separators = context
+        features = []
+        for views, grid, granularity in zip(grids, slice_grids, granularities):
+            if granularity is not None:
+                views = self.adaptive.pool(views, granularity)[0]  # (views, q, D) -> (views, g, D)
             pieces = []
-            for text in slice_separators(grid):  # one per slice, raster order
-                pieces += [tokens[start], separators[SLICE_SEPARATORS.index(text)][None]]
-                start += 1
-            pieces.append(tokens[start])  # the overview
-            start += 1
-            features.append(torch.cat(pieces))  # (145 * slices + 144, D)
+            for index, text in enumerate(slice_separators(grid)):  # one per slice, raster order
+                pieces += [views[1 + index], separators[SLICE_SEPARATORS.index(text)][None]]
+            pieces.append(views[0])  # the overview
+            features.append(torch.cat(pieces))
+        return features
+
+    def token_counter(self, image_sizes, slice_grids=None, **unused):
+        if slice_grids is None:
+            raise ValueError("method 'uhd' counts image tokens from slice_grids: pass the processor's outputs")
+        grids = [_grid_or_none(grid) for grid in slice_grids.tolist()]
+        return lambda i, tokens_per_view: count_uhd_tokens(grids[i], tokens_per_view)
+
+    def forward(self, vision_tower, pixel_values, image_sizes=None, view_sizes=None, slice_grids=None,
+                embed_tokens=None, **inputs) -> list[torch.Tensor]:
+        grids, context = self.encode_grids(vision_tower, pixel_values, image_sizes, view_sizes, slice_grids,
+                                           embed_tokens)
+        if self.adaptive is None:
+            features, report = self.assemble(grids, context, [None] * len(grids)), [{} for _ in grids]
+        else:
+            count = self.token_counter(image_sizes, slice_grids)
+            features, report = self.adaptive.apply(self, grids, context, count, **inputs)
         self.last_report = [
-            {"slice_grid": None if g is None else list(g), "views": 1 if g is None else g[0] * g[1] + 1,
+            {**entry, "slice_grid": None if g is None else list(g), "views": 1 if g is None else g[0] * g[1] + 1,
              "visual_tokens": f.shape[0]}
-            for g, f in zip(grids, features)
+            for entry, g, f in zip(report, context[0], features)
         ]
         return features
 
-    def placeholder_counts(self, image_sizes, slice_grids=None, **unused) -> list[int]:
-        """Image tokens the processor put in the prompt for each image (from its slice grid)."""
-        if slice_grids is None:
-            raise ValueError("method 'uhd' counts image tokens from slice_grids: pass the processor's outputs")
-        return [count_uhd_tokens(_grid_or_none(grid)) for grid in slice_grids.tolist()]
+    def placeholder_counts(self, image_sizes, slice_grids=None, image_granularity=None, **unused) -> list[int]:
+        """Image tokens the processor put in the prompt for each image (from its slice grid and level)."""
+        count = self.token_counter(image_sizes, slice_grids)
+        if self.adaptive is None:
+            return [count(i, self.settings.tokens_per_view) for i in range(len(slice_grids))]
+        return self.adaptive.placeholder_counts(image_granularity, len(slice_grids), count)

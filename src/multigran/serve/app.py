@@ -71,13 +71,14 @@ def model_info(model, processor, name: str, max_batch_size: int, max_images: int
     method = model.config.method
     step = inspect.signature(IMAGE_STEPS[method]).parameters
     visual = getattr(model.visual, "input_names", ())
-    levels = tuple(getattr(model.visual, "level_tokens", ()) or ())
-    settings = getattr(model.visual, "avg", None)
+    layer = getattr(model.visual, "adaptive", None)  # the adaptive-granularity layer (avg; mg / uhd with it)
+    levels = tuple(layer.level_tokens) if layer is not None else ()
     return ModelInfo(
         name=name, method=method,
-        processor_options=frozenset(o for o in ("granularity", "boxes") if o in step),
+        processor_options=frozenset(o for o in ("granularity", "boxes") if o in step and
+                                    (o != "granularity" or layer is not None)),
         visual_options=frozenset(o for o in ("max_visual_tokens", "granularity_bias") if o in visual),
-        levels=levels, auto=bool(levels) and bool(getattr(settings, "use_router", False)),
+        levels=levels, auto=layer is not None and layer.settings.use_router,
         max_batch_size=max_batch_size, max_images=max_images, default_max_tokens=default_max_tokens,
     )
 

@@ -1,11 +1,19 @@
-"""Dynamic batching: one model thread prefills each request on its own and decodes all of them together.
+"""Dynamic batching: one model thread prefills the requests it admits together and decodes all of them together.
 
-A request's prefill (vision tower, visual pipeline, router, LM over the prompt) runs alone, with exactly the inputs
-`model.generate` would get for that single request, so the router's choice, the visual-token count and the first
-token do not depend on what else is being served. Its KV cache then joins one shared, left-padded cache and every
-step feeds one token per row through the LM: each row keeps its own position, sampling settings, seed and stop
-condition, and leaves the batch the step it finishes (or its client goes away), freeing its slot for a waiting
-request.
+The requests admitted in one scheduler iteration that share their call-level visual options (`max_visual_tokens`,
+`granularity_bias`: one value per pipeline call) are prefilled together: one pass of the vision tower, visual
+pipeline and router over all their images (per-image settings, granularity or boxes, travel with the images as the
+processor put them), then the LM over their left-padded prompts, in one pass unless their lengths differ so much that
+padding costs more than a second pass (`length_groups`). Every row still gets exactly what `model.generate` computes
+for its request alone: the router reads each prompt without the padding (padding positions reach it as zero vectors,
+which its text filter treats like the empty slots of a short prompt alone), placeholders are re-expanded to the
+chosen counts with the padding kept on the left, and each row's position ids count its own tokens only. A group that
+fails (one request's bad options, say) runs again request by request, so an error reaches only the request it is
+about.
+
+Each prefilled row's KV cache slice then joins one shared, left-padded cache and every step feeds one token per row
+through the LM: each row keeps its own position, sampling settings, seed and stop condition, and leaves the batch the
+step it finishes (or its client goes away), freeing its slot for a waiting request.
 """
 
 import logging
@@ -18,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from ..modeling import reexpand_image_tokens
 
 logger = logging.getLogger("multigran.serve")
 
@@ -142,6 +152,62 @@ def pad_cache_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
 
 
+PROMPT_FIELDS = ("input_ids", "attention_mask")  # per prompt; every other processor output is per image
+
+# What one more LM prefill pass costs, counted in prompt tokens: prompts are split into passes of similar lengths
+# where the padding a common pass needs would cost more. Padding is real work where prefill is compute-bound (a CPU:
+# a batch of prompts of 20 to 370 tokens padded to one length computes about 2.5x the tokens it holds).
+PASS_COST_TOKENS = 128
+
+
+def length_groups(lengths: list[int], pass_cost: int) -> list[list[int]]:
+    """Rows (by index) in LM passes of similar prompt lengths, minimising sum over passes of (pass_cost + rows x
+    longest prompt), the tokens a left-padded pass computes; each pass lists its rows in their original order."""
+    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)  # best[j]: cost of the j shortest rows
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the pass holding sorted rows i..j-1 is padded to the longest, row j-1
+            cost = best[i] + pass_cost + (j - i) * lengths[order[j - 1]]
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+def batch_key(job: Job):
+    """Requests with equal keys can share one prefill: the same processor fields (all tensors: images are joined
+    along their first axis) and the same call-level visual options (the pipeline takes one value per call)."""
+    if not all(torch.is_tensor(value) for value in job.inputs.values()):
+        return id(job)  # nothing to join it with: prefilled alone
+    return tuple(sorted(job.inputs.keys())), repr(sorted(job.visual_options.items()))
+
+
+def concat_image_inputs(per_job: list[dict]) -> dict:
+    """Per-image processor outputs of several requests -> one batch, images in request order.
+
+    Each field is (images, ...) and is padded with zeros to the largest trailing shape, the processors' own convention
+    (AnyRes pads the crop axis, UHD the view axis and view sizes, MG-LLaVA the box axis; the real extent is read from
+    image_sizes / view_sizes / box_counts, so the padding is never seen).
+    """
+    joined = {}
+    for name in per_job[0]:
+        tensors = [inputs[name] for inputs in per_job]
+        if tensors[0].dim() == 0:
+            raise ValueError(f"processor field {name!r} is a scalar, not one entry per image")
+        shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+        padded = []
+        for tensor in tensors:
+            pad = []
+            for size, target in zip(reversed(tensor.shape[1:]), reversed(shape)):
+                pad += [0, target - size]  # F.pad lists the last axis first
+            padded.append(F.pad(tensor, pad) if any(pad) else tensor)
+        joined[name] = torch.cat(padded)
+    return joined
+
+
 class Scheduler:
     """The model thread: a FIFO queue of jobs, at most `max_batch_size` rows decoding, at most `max_queue` waiting."""
 
@@ -167,6 +233,10 @@ class Scheduler:
         self.stopping = False
         self.steps = 0  # decode steps run
         self.peak_rows = 0  # most rows one step has decoded together
+        self.prefills = 0  # prefills run (one vision pass for a group of admitted requests)
+        self.peak_prefill_rows = 0  # most prompts one prefill has held
+        self.lm_passes = 0  # LM passes of those prefills (prompts of very different lengths take separate ones)
+        self.peak_pass_rows = 0  # most prompts one LM pass has held
         self.thread = threading.Thread(target=self.run, name="multigran-scheduler", daemon=True)
 
     # -- the server side (any thread) ---------------------------------------------------------------------------
@@ -194,8 +264,12 @@ class Scheduler:
             self.thread.join(timeout)
 
     def stats(self) -> dict:
-        return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
-                "max_queue": self.max_queue, "steps": self.steps, "peak_rows": self.peak_rows}
+        # A row that has sent its last event counts as done even before the model thread drops it from the batch.
+        running = sum(row.finish_reason is None and not row.job.cancelled for row in self.rows)
+        return {"running": running, "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
+                "max_queue": self.max_queue, "steps": self.steps, "peak_rows": self.peak_rows,
+                "prefills": self.prefills, "peak_prefill_rows": self.peak_prefill_rows, "lm_passes": self.lm_passes,
+                "peak_pass_rows": self.peak_pass_rows}
 
     # -- the model thread -----------------------------------------------------------------------------------------
 
@@ -211,63 +285,147 @@ class Scheduler:
                     while self.waiting and len(self.rows) + sum(j.n for j in admitted) + self.waiting[0].n <= \
                             self.max_batch_size:
                         admitted.append(self.waiting.popleft())
-                for job in admitted:
-                    if not job.cancelled:
-                        self.prefill(job)
+                for group in self.prefill_groups([job for job in admitted if not job.cancelled]):
+                    self.prefill(group)
                 self.drop_cancelled()
                 if self.rows:
                     self.step()
 
-    def prefill(self, job: Job):
-        """Runs the request alone through the model (images, router, prompt) and adds its rows to the batch."""
+    def prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """The admitted jobs in groups that share one prefill pass (see `batch_key`), in arrival order, each at
+        most `max_batch_size` prompts."""
+        groups = {}
+        for job in jobs:
+            groups.setdefault(batch_key(job), []).append(job)
+        return [group[start:start + self.max_batch_size]
+                for group in groups.values() for start in range(0, len(group), self.max_batch_size)]
+
+    def prefill(self, jobs: list[Job]):
+        """Runs the jobs' prompts (images, router, text) through the model together and adds their rows to the
+        batch; when that fails, each job runs alone so that the error reaches only the job it is about."""
         try:
-            inputs = job.inputs.to(self.device)
-            out = self.model(**inputs, **job.visual_options, use_cache=True, logits_to_keep=1)
-            prompt_tokens = out.cache.get_seq_length()
-            counts = out.image_token_counts or []
-            report = out.visual_report or [{} for _ in counts]
-            report = [{**entry, "visual_tokens": count} for entry, count in zip(report, counts)]
-            job.emit(("prefilled", {"prompt_tokens": prompt_tokens, "visual_tokens": sum(counts),
-                                    "visual_report": report}))
-            rows = [
-                Row(job, i, prompt_tokens, self.generator(job.sampling.seed, i), self.tokenizer, self.eos_ids,
-                    self.context_length)
-                for i in range(job.n)
-            ]
-            logits = out.logits[:, -1].expand(job.n, -1)  # (n, V): the choices share the prefill
-            first = choose_tokens(logits, rows)
-        except Exception as error:  # reported to this request only; the batch goes on
-            if not isinstance(error, (ValueError, TypeError)):
+            logits, parts, infos = self.forward_prompts(jobs)
+            rows, first_of = [], []  # one Row per choice; first_of[b]: index of job b's first Row
+            for job, info in zip(jobs, infos):
+                first_of.append(len(rows))
+                rows += [Row(job, i, info["prompt_tokens"], self.generator(job.sampling.seed, i), self.tokenizer,
+                             self.eos_ids, self.context_length) for i in range(job.n)]
+            prompt_of = [b for b, job in enumerate(jobs) for _ in range(job.n)]
+            first = choose_tokens(logits[prompt_of], rows)  # (rows, V): the choices of a job share its prefill
+        except Exception as error:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self.prefill([job])
+                return
+            if not isinstance(error, (ValueError, TypeError)):  # reported to this request only; the batch goes on
                 logger.exception("prefill failed")
-            job.emit(("error", error))
+            jobs[0].emit(("error", error))
             return
-        live = [(row, token) for row, token in zip(rows, first) if not row.accept(token)]
-        if live:
-            self.join(out.cache, prompt_tokens, [r for r, _ in live], [t for _, t in live])
+        self.prefills += 1
+        self.peak_prefill_rows = max(self.peak_prefill_rows, len(jobs))
+        self.lm_passes += len(parts)
+        self.peak_pass_rows = max([self.peak_pass_rows] + [len(members) for members, _, _ in parts])
+        for job, info in zip(jobs, infos):
+            job.emit(("prefilled", info))
+        done = [row.accept(token) for row, token in zip(rows, first)]
+        for members, cache, mask in parts:  # each LM pass's live rows join the batch with their cache rows
+            live = [(rows[r], first[r], slot) for slot, b in enumerate(members)
+                    for r in range(first_of[b], first_of[b] + jobs[b].n) if not done[r]]
+            if live:
+                self.join(cache, mask, *map(list, zip(*live)))
+
+    def forward_prompts(self, jobs: list[Job]):
+        """The jobs' prompts, left-padded to a common length, and all their images through the model: one pass of
+        the vision side, then the LM over the prompts in as few passes as padding allows (`length_groups`).
+
+        Returns the last prompt position's logits (G, V) in job order; per LM pass (its jobs, the cache ((g, H, T, d)
+        per layer), the (g, T) mask of real tokens); per job what its client is told: prompt and visual tokens, the
+        visual report per image.
+        """
+        model, device = self.model, self.device
+        inputs = [job.inputs.to(device) for job in jobs]
+        prompts = []
+        for x in inputs:
+            if x["input_ids"].shape[0] != 1:
+                raise ValueError(f"a request holds one prompt, got input_ids of shape {tuple(x['input_ids'].shape)}")
+            mask = x.get("attention_mask")
+            prompts.append(x["input_ids"][0] if mask is None else x["input_ids"][0][mask[0].bool()])
+        length = max(len(prompt) for prompt in prompts)
+        ids = torch.full((len(prompts), length), model.pad_token_id, dtype=prompts[0].dtype, device=device)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
+        for b, prompt in enumerate(prompts):  # (G, L): padding on the left, so every row's last token is at -1
+            ids[b, length - len(prompt):] = prompt
+            mask[b, length - len(prompt):] = 1
+
+        images_per_job = [x["pixel_values"].shape[0] if "pixel_values" in x else 0 for x in inputs]
+        features, report = [], []
+        if sum(images_per_job):
+            image_inputs = concat_image_inputs([{k: v for k, v in x.items() if k not in PROMPT_FIELDS}
+                                                for x in inputs])
+            pixel_values, image_sizes = image_inputs.pop("pixel_values"), image_inputs.pop("image_sizes", None)
+            visual_inputs = {k: v for k, v in image_inputs.items() if k in model.visual.input_names}
+            # The pipeline reads the prompts for the router: padding reaches it as zero vectors, the empty slots a
+            # prompt alone leaves in the text filter, so the router's choice does not depend on the batch.
+            text = model.embed_text(ids)  # (G, L, D)
+            text = text * mask[..., None].to(text.dtype)
+            features = model.get_image_features(
+                pixel_values, image_sizes, input_ids=ids, inputs_embeds=text, attention_mask=mask,
+                **visual_inputs, **jobs[0].visual_options,
+            )
+            report = model.visual_report(features)
+            counts = [f.shape[0] for f in features]
+            if int((ids == model.config.image_token_id).sum()) != sum(counts):
+                # The pipeline settled the counts (the AVG router in "auto" mode): resize each image's placeholder
+                # run, keeping the padding on the left (the model's forward would re-pad a batch with no padding
+                # on the right and drop position ids).
+                placeholders = model.visual.placeholder_counts(image_sizes, **visual_inputs)
+                ids, mask, _ = reexpand_image_tokens(ids, mask, None, placeholders, counts,
+                                                     model.config.image_token_id, model.pad_token_id,
+                                                     padding_side="left")
+        lengths = mask.sum(dim=1).tolist()
+        first_image = [sum(images_per_job[:b]) for b in range(len(jobs))]
+        logits, parts = [None] * len(jobs), []
+        for members in length_groups(lengths, PASS_COST_TOKENS):
+            index = torch.tensor(members, device=device)
+            width = max(lengths[b] for b in members)
+            part_ids, part_mask = ids[index, -width:], mask[index, -width:]  # (g, width)
+            positions = (part_mask.cumsum(-1) - 1).masked_fill(part_mask == 0, 0)  # each row counts its own tokens
+            part_features = [f for b in members for f in features[first_image[b]:first_image[b] + images_per_job[b]]]
+            out = model(input_ids=part_ids, attention_mask=part_mask, position_ids=positions,
+                        image_features=part_features or None, use_cache=True, logits_to_keep=1)
+            for slot, b in enumerate(members):
+                logits[b] = out.logits[slot, -1]
+            parts.append((members, out.cache, part_mask))
+        infos = []
+        for b, images in enumerate(images_per_job):
+            entries = report[first_image[b]:first_image[b] + images]
+            infos.append({"prompt_tokens": lengths[b], "visual_report": entries,
+                          "visual_tokens": sum(entry["visual_tokens"] for entry in entries)})
+        return torch.stack(logits), parts, infos
 
     def generator(self, seed, index):
         generator = torch.Generator(device=self.device)
         generator.manual_seed((seed + index) % (1 << 63) if seed is not None else secrets.randbits(63))
         return generator
 
-    def join(self, cache, length: int, rows: list[Row], tokens: list[int]):
-        """Adds rows whose prompts fill `cache` ((1, H, length, d) per layer) to the shared batch."""
-        n = len(rows)
+    def join(self, cache, mask: torch.Tensor, rows: list[Row], tokens: list[int], sources: list[int]):
+        """Adds rows to the shared batch: row i's prompt is row sources[i] of the prefill's `cache` ((G, H, T, d) per
+        layer, left-padded as its (G, T) `mask`)."""
+        index = torch.tensor(sources, device=self.device)
+        mask = mask[index]
+        start = int(mask.any(dim=0).long().argmax())  # columns before it pad only prompts that already finished
+        mask = mask[:, start:]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         if self.cache is None:
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
-            self.cache = cache
-            self.mask = torch.ones(n, length, dtype=torch.long, device=self.device)
+            self.cache, self.mask = cache, mask
         else:
-            width = max(self.mask.shape[1], length)
+            width = max(self.mask.shape[1], mask.shape[1])
             for old, new in zip(self.cache.layers, cache.layers):
-                old.keys = torch.cat([pad_cache_left(old.keys, width),
-                                      pad_cache_left(new.keys, width).expand(n, -1, -1, -1)])
-                old.values = torch.cat([pad_cache_left(old.values, width),
-                                        pad_cache_left(new.values, width).expand(n, -1, -1, -1)])
-            fresh = torch.ones(n, length, dtype=torch.long, device=self.device)
+                old.keys = torch.cat([pad_cache_left(old.keys, width), pad_cache_left(new.keys, width)])
+                old.values = torch.cat([pad_cache_left(old.values, width), pad_cache_left(new.values, width)])
             self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
-                                   F.pad(fresh, (width - length, 0))])
+                                   F.pad(mask, (width - mask.shape[1], 0))])
         self.rows += rows
         self.next_tokens += tokens
 

@@ -43,8 +43,8 @@ class ModelInfo:
 
     name: str
     method: str
-    processor_options: frozenset = frozenset()  # e.g. {"granularity"} (avg), {"boxes"} (mg)
-    visual_options: frozenset = frozenset()  # e.g. {"max_visual_tokens", "granularity_bias"} (avg)
+    processor_options: frozenset = frozenset()  # e.g. {"granularity"} (adaptive granularity), {"boxes"} (mg)
+    visual_options: frozenset = frozenset()  # e.g. {"max_visual_tokens", "granularity_bias"} (adaptive granularity)
     levels: tuple = ()  # fixed granularities (tokens per crop), when the method has levels
     auto: bool = False  # whether granularity "auto" (a router) is available
     max_batch_size: int = 16
@@ -210,7 +210,7 @@ def parse_sampling(body: dict, info: ModelInfo) -> Sampling:
 
 
 def parse_method_options(body: dict, info: ModelInfo, n_images: int) -> dict:
-    """The extra-body fields: `granularity`, `max_visual_tokens`, `granularity_bias` (avg) and `boxes` (mg)."""
+    """The extra-body fields: `granularity`, `max_visual_tokens`, `granularity_bias` (adaptive granularity) and `boxes` (mg)."""
     processor_options, visual_options = {}, {}
     for name in ("granularity", "max_visual_tokens", "granularity_bias", "boxes"):
         value = body.get(name)

@@ -1,9 +1,11 @@
-"""AVG-LLaVA's training objectives, as losses of the training loop (`LOSSES[name](model, batch, **options)`).
+"""AVG-LLaVA's training objectives, as losses of the training loop (`LOSSES[name](model, batch, **options)`), for any
+model that carries the adaptive-granularity layer (method avg, or mg / uhd with `method_settings.adaptive_granularity`).
 
-- stage 3, `multi_granularity_loss`: the usual answer CE at every granularity (every crop at it), averaged.
+- stage 3, `multi_granularity_loss`: the usual answer CE at every granularity (every grid at it), averaged.
 - stage 4, `rglf_training_loss`: RGLF. The frozen LMM answers each sample once per granularity (no grad), and the
   router learns to rank the granularities as the LMM's answer NLL does. Only the router gets gradient.
-Both encode every image ONCE (one vision-tower pass, one projector pass) and pool that to each granularity.
+Both encode every image ONCE (`visual.encode_grids`: one vision pass, one projector pass) and pool that to each
+granularity (`visual.assemble`).
 
 Batches come from the collator with the method's placeholders: one per image for "auto", or a run at a fixed
 granularity; each forward below resizes the runs to the granularity it evaluates.
@@ -18,7 +20,7 @@ import logging
 import torch
 
 from ..modeling import reexpand_image_tokens
-from ..pipelines.avg import images_to_samples
+from ..pipelines.granularity import images_to_samples
 from .rglf import CE_WEIGHT, MARGIN_SCALE, RANK_WEIGHT, answer_nll, mean_granularity_loss, rglf_loss
 from .trainer import unwrap
 
@@ -89,14 +91,45 @@ def _note_truncation(count: int, max_length: int):
                        "cuts are counted in the truncated_sequences metric", count, max_length)
 
 
-def _at_granularity(model, batch, crops, granularity, max_length=None):
-    """Inputs with every image at one granularity: re-expanded ids/mask/labels and the merged features, each row cut
-    to `max_length` tokens; plus the number of rows cut."""
+def distributed(model) -> bool:
+    """Whether the passes of a loss must run inside the model's own forward: DDP / FSDP1 / DeepSpeed wrap the model,
+    FSDP2 shards it in place (its parameters are gathered only around the forward of a sharded module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return unwrap(model) is not model or isinstance(model, FSDPModule)
+
+
+def layer_of(model):
+    """The bare model's visual pipeline and its adaptive-granularity layer; a clear error for a model without it."""
+    visual = unwrap(model).visual
+    if getattr(visual, "adaptive", None) is None:
+        raise ValueError(
+            f"this loss trains the adaptive-granularity layer, which this {unwrap(model).config.method!r} model does "
+            "not have: use method avg, or add the layer to an mg / uhd model (multigran switch-method DIR OUT --to mg "
+            "--settings '{\"adaptive_granularity\": {}}')"
+        )
+    return visual, visual.adaptive
+
+
+def visual_inputs(visual, batch) -> dict:
+    """The batch's method inputs (image_granularity, boxes, slice grids, ...) for the pipeline."""
+    return {name: batch[name] for name in visual.input_names if name in batch}
+
+
+def encode_grids(model, batch):
+    """Every image encoded once: (per image its (crops, n*n, D) grids, the pipeline's assembly context)."""
+    core = unwrap(model)
+    return core.visual.encode_grids(core.vision_tower, batch["pixel_values"], batch.get("image_sizes"),
+                                    embed_tokens=core.get_input_embeddings(), **visual_inputs(core.visual, batch))
+
+
+def _at_granularity(model, batch, grids, context, granularity, max_length=None):
+    """Inputs with every image at one granularity: re-expanded ids/mask/labels and the assembled features, each row
+    cut to `max_length` tokens; plus the number of rows cut."""
     model = unwrap(model)
     visual = model.visual
-    sizes = batch["image_sizes"].tolist()
-    features = [visual.merge(c, s, granularity) for c, s in zip(crops, sizes)]
-    old = visual.placeholder_counts(batch["image_sizes"], batch.get("image_granularity"))
+    features = visual.assemble(grids, context, [granularity] * len(grids))
+    old = visual.placeholder_counts(batch.get("image_sizes"), **visual_inputs(visual, batch))
     input_ids, attention_mask, labels = reexpand_image_tokens(
         batch["input_ids"], batch.get("attention_mask"), batch["labels"], old, [f.shape[0] for f in features],
         model.config.image_token_id, model.pad_token_id,
@@ -108,31 +141,30 @@ def _at_granularity(model, batch, crops, granularity, max_length=None):
     return input_ids, attention_mask, labels, features, cut
 
 
-def multi_granularity_loss(model, batch, max_length=None, **unused):
+def multi_granularity_loss(model, batch, max_length=None, inside_forward=False, **unused):
     """Stage 3: mean over the granularities of the answer CE. Returns (loss, metrics).
 
     max_length: each per-granularity sequence is cut to it (None: the LM's context), as the release does. A
     granularity whose batch has no answer token left after the cut is left out of the mean (the release's loss would
     be NaN); when none is left, the loss is a zero that keeps the graph.
     """
-    if unwrap(model) is not model:  # DDP / FSDP: every pass inside the wrapped forward, where the wrapper tracks them
-        return model(compute=lambda core: multi_granularity_loss(core, batch, max_length))
+    if distributed(model) and not inside_forward:  # DDP / FSDP: every pass inside the model's forward
+        return model(compute=lambda core: multi_granularity_loss(core, batch, max_length, inside_forward=True))
     if batch.get("pixel_values") is None:  # a text-only batch: the plain LM loss
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                      labels=batch["labels"]).loss, {}
-    core = unwrap(model)  # attributes from the bare model; forwards through the (possibly wrapped) one
-    visual = core.visual
+    _, layer = layer_of(model)  # attributes from the bare model; forwards through the (possibly wrapped) one
     max_length = resolve_max_length(model, max_length)
-    crops = visual.encode_crops(core.vision_tower, batch["pixel_values"], batch["image_sizes"])
+    grids, context = encode_grids(model, batch)
     losses, visual_tokens, truncated, metrics = [], 0, 0, {}
-    for granularity in visual.level_tokens:
-        input_ids, attention_mask, labels, features, cut = _at_granularity(model, batch, crops, granularity,
+    for granularity in layer.level_tokens:
+        input_ids, attention_mask, labels, features, cut = _at_granularity(model, batch, grids, context, granularity,
                                                                           max_length)
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, image_features=features)
         if bool((labels[:, 1:] != -100).any()):
             losses.append(output.loss)
             metrics[f"loss_g{granularity}"] = float(output.loss.detach())
-        elif not losses and granularity == visual.level_tokens[-1]:
+        elif not losses and granularity == layer.level_tokens[-1]:
             losses.append(output.logits.sum() * 0.0)  # nothing to learn in this batch; the graph stays whole
         visual_tokens += sum(f.shape[0] for f in features)
         truncated += cut
@@ -142,14 +174,14 @@ def multi_granularity_loss(model, batch, max_length=None, **unused):
 
 
 @torch.no_grad()
-def granularity_nll(model, batch, crops, max_length=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def granularity_nll(model, batch, grids, context, max_length=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per sample and granularity, the frozen LMM's mean answer NLL and the sample's visual tokens: two
     (batch, levels) tensors, and the number of sequences cut to `max_length`. One forward per level. A sample whose
     answer was cut away entirely at a level gets NaN there."""
     columns, tokens, truncated = [], [], 0
     core = unwrap(model)
-    for granularity in core.visual.level_tokens:
-        input_ids, attention_mask, labels, features, cut = _at_granularity(model, batch, crops, granularity,
+    for granularity in core.visual.adaptive.level_tokens:
+        input_ids, attention_mask, labels, features, cut = _at_granularity(model, batch, grids, context, granularity,
                                                                           max_length)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, image_features=features).logits
         columns.append(answer_nll(logits, labels))
@@ -159,7 +191,7 @@ def granularity_nll(model, batch, crops, max_length=None) -> tuple[torch.Tensor,
 
 
 def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGHT, margin_scale=MARGIN_SCALE,
-                       token_cost=0.0, max_length=None, **unused):
+                       token_cost=0.0, max_length=None, inside_forward=False, **unused):
     """Stage 4 (RGLF): router logits from the unpooled features and the instruction (answers masked out), ranked
     against the LMM's per-granularity NLL. A sample's images share its NLL, so its logits are their mean.
     Samples without an image, or without answer tokens at some level (after the cut to `max_length`, None: the LM's
@@ -169,25 +201,28 @@ def rglf_training_loss(model, batch, ce_weight=CE_WEIGHT, rank_weight=RANK_WEIGH
     ranking, so that when the LMM answers equally well at several levels the cheaper one ranks first. Without it the
     ranking among near-tied levels (e.g. every level for a question about the background colour) is noise.
     """
-    if unwrap(model) is not model:  # DDP / FSDP: every pass inside the wrapped forward, where the wrapper tracks them
+    if distributed(model) and not inside_forward:  # DDP / FSDP: every pass inside the model's forward
         return model(compute=lambda core: rglf_training_loss(core, batch, ce_weight, rank_weight, margin_scale,
-                                                             token_cost, max_length))
+                                                             token_cost, max_length, inside_forward=True))
     core = unwrap(model)
-    visual = core.visual
+    visual, layer = layer_of(model)
+    if visual.router is None:
+        raise ValueError("RGLF trains the granularity router, and this model has none (use_router: false): build it "
+                         "with use_router: true")
     if batch.get("pixel_values") is None:
         zero = sum(p.sum() for p in visual.router.parameters()) * 0.0  # keeps DDP's graph whole
         return zero, {"rglf_samples": 0}
     input_ids, labels = batch["input_ids"], batch["labels"]
     max_length = resolve_max_length(model, max_length)
     with torch.no_grad():  # everything but the router is frozen: its inputs carry no graph
-        crops = visual.encode_crops(core.vision_tower, batch["pixel_values"], batch["image_sizes"])
-        nll, tokens, truncated = granularity_nll(model, batch, crops, max_length)  # (B, levels) each
+        grids, context = encode_grids(model, batch)
+        nll, tokens, truncated = granularity_nll(model, batch, grids, context, max_length)  # (B, levels) each
         target = nll + token_cost * tokens / 1000
         instruction = core.embed_text(input_ids)
-    old = visual.placeholder_counts(batch["image_sizes"], batch.get("image_granularity"))
+    old = visual.placeholder_counts(batch.get("image_sizes"), **visual_inputs(visual, batch))
     owners = images_to_samples(input_ids, core.config.image_token_id, old)
-    logits = visual.route(crops, owners, input_ids, instruction, batch.get("attention_mask"), labels,
-                          max_length=max_length)
+    logits = layer.route(visual.router, grids, owners, input_ids, instruction, batch.get("attention_mask"), labels,
+                         max_length=max_length)
     owner_index = torch.tensor(owners, device=logits.device)
     per_sample = logits.new_zeros(input_ids.shape[0], logits.shape[1]).index_add(0, owner_index, logits)
     images_per_sample = torch.bincount(owner_index, minlength=input_ids.shape[0])

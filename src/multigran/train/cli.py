@@ -81,7 +81,12 @@ def train_command(args):
     check_recipe_paths(recipe)
     check_engine_installed(recipe)
     check_model_weights(recipe.model, allow_missing=args.allow_missing_weights)  # headers only, before any training
-    trainer = run_training(recipe)
+    model = None
+    if args.allow_missing_weights:  # the trainer's own load would refuse the partial checkpoint
+        from .trainer import load_model_for_training
+
+        model = load_model_for_training(recipe, allow_missing=True)
+    trainer = run_training(recipe, model=model)
     if trainer.args.should_save:
         print(f"wrote {recipe.output_dir}")
 

@@ -433,7 +433,9 @@ def training_arguments(recipe) -> TrainingArguments:
     return TrainingArguments(output_dir=recipe.output_dir, **training)
 
 
-def load_model_for_training(recipe):
+def load_model_for_training(recipe, allow_missing: bool = False):
+    """The recipe's model, every weight checked (`allow_missing`: a deliberately partial checkpoint, e.g. a stage-1
+    model from parts, `multigran train --allow-missing-weights`)."""
     from transformers import AutoModelForImageTextToText
 
     import multigran  # noqa: F401  (registers the Auto classes)
@@ -443,7 +445,7 @@ def load_model_for_training(recipe):
     dtype = recipe.model_dtype
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    kwargs = {"dtype": getattr(torch, dtype)}
+    kwargs = {"dtype": getattr(torch, dtype), "allow_missing": allow_missing}
     if recipe.lora is not None and recipe.lora.qlora:
         from .lora import qlora_quantization_config
 
