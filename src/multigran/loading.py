@@ -198,7 +198,6 @@ def from_pretrained_checked(path, allow_missing: bool, **kwargs):
     import multigran  # noqa: F401  (registers the Auto classes)
 
     load_config(path)
-    check_weight_files(path)  # corrupt or disguised files: one line naming the file, before transformers reads them
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="torch._weights_only_unpickler")  # the error below says it
         try:

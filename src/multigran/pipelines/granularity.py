@@ -474,6 +474,12 @@ class GranularitySettings:
         return levels
 
 
+def placeholders(requested, count) -> list[int]:
+    """Image tokens each image takes in the prompt: its count at a fixed level, 1 in auto mode (0; the model expands
+    that placeholder to the router's choice)."""
+    return [1 if g == 0 else count(i, g) for i, g in enumerate(requested)]
+
+
 class AdaptiveGranularity:
     """The scaler + router over a pipeline's grids: which level each image gets, and the pooling to it.
 
@@ -518,11 +524,11 @@ class AdaptiveGranularity:
         """The processor step's part: per image its placeholder count (1 in auto mode: the model expands it to the
         router's choice) and `image_granularity` (0 = auto)."""
         chosen = self.resolve(granularity, n_images)
-        return {"image_token_counts": [1 if g == 0 else count(i, g) for i, g in enumerate(chosen)],
+        return {"image_token_counts": placeholders(chosen, count),
                 "image_granularity": torch.tensor(chosen, dtype=torch.long)}
 
     def placeholder_counts(self, image_granularity, n_images: int, count) -> list[int]:
-        return [1 if g == 0 else count(i, g) for i, g in enumerate(self.requested(image_granularity, n_images))]
+        return placeholders(self.requested(image_granularity, n_images), count)
 
     def pool(self, grids: torch.Tensor, granularity) -> tuple[torch.Tensor, tuple[int, int]]:
         """(crops, n*n, D) -> ((crops, g, D), the pooled grid (h, w)) at level `granularity` (tokens per grid)."""
@@ -556,8 +562,7 @@ class AdaptiveGranularity:
             return chosen, probabilities
         if input_ids is None or inputs_embeds is None:
             raise ValueError("granularity='auto' needs input_ids: the router reads the instruction")
-        placeholders = [1 if g == 0 else count(i, g) for i, g in enumerate(requested)]
-        owners = images_to_samples(input_ids, self.image_token_id, placeholders)
+        owners = images_to_samples(input_ids, self.image_token_id, placeholders(requested, count))
         logits = self.route(router, [grids[i] for i in auto], [owners[i] for i in auto], input_ids, inputs_embeds,
                             attention_mask, labels)
         budget = self.settings.max_visual_tokens if max_visual_tokens is None else max_visual_tokens
