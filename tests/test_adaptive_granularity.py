@@ -252,7 +252,21 @@ def test_quick_demo_of_a_composed_model(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## The router's choices per question type, mg+avg" in report and "| mg+avg@auto |" in report
     router = json.loads((tmp_path / "mg-avg-stage4" / "config.json").read_text())["method_settings"]
-    assert router["adaptive_granularity"]["levels"] == levels
+    for key, value in demo.COMPOSED_LAYERS["mg+avg"].items():
+        assert router["adaptive_granularity"][key] == value
+    # The released router's filter fills free text slots with masked (answer) tokens: the demo's top_k must leave
+    # none free, i.e. every RGLF sample has at least top_k instruction tokens the router may read.
+    from multigran.data.llava import LlavaDataset
+    from multigran.pipelines.granularity import select_instruction_tokens
+
+    processor = MultiGranProcessor.from_pretrained(tmp_path / "mg-avg-stage4")
+    router_data = tmp_path / "data-hires-router"
+    samples = LlavaDataset(str(router_data / "router.json"), processor, template="chat_template",
+                           image_folder=str(router_data), box_file=str(router_data / "boxes.json"),
+                           image_options={"granularity": "auto"})
+    valid = [int(select_instruction_tokens(item["input_ids"], processor.image_token_id,
+                                           labels=item["labels"])[1].sum()) for item in samples]
+    assert min(valid) >= router["adaptive_granularity"]["top_k"]
 
 
 @pytest.fixture(scope="module")
