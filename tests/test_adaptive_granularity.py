@@ -264,8 +264,10 @@ def test_quick_demo_of_a_composed_model(tmp_path):
     samples = LlavaDataset(str(router_data / "router.json"), processor, template="chat_template",
                            image_folder=str(router_data), box_file=str(router_data / "boxes.json"),
                            image_options={"granularity": "auto"})
+    items = [samples[index] for index in range(len(samples))]  # (the dataset's index wraps: no plain iteration)
     valid = [int(select_instruction_tokens(item["input_ids"], processor.image_token_id,
-                                           labels=item["labels"])[1].sum()) for item in samples]
+                                           labels=item["labels"])[1].sum()) for item in items]
+    assert len(items) == demo.SCALES["quick"].router
     assert min(valid) >= router["adaptive_granularity"]["top_k"]
 
 
