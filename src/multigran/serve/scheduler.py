@@ -152,6 +152,52 @@ def pad_cache_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
 
 
+# Free positions a shared cache layer keeps after its last one: a decode step writes its new position there in place.
+CACHE_ROOM = 64
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose (B, H, T, d) keys and values are views into buffers with room after T.
+
+    DynamicLayer appends by torch.cat, copying the whole cache every step (at 16 rows of ~250 positions in a 512-wide,
+    6-layer LM, ~100 MB per step: as much time as the step's own compute on a CPU core); here a step writes its one
+    position, and the buffers are copied only when they are full (every CACHE_ROOM steps) or when rows join or leave.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.store(keys, values)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor):
+        """Fresh buffers holding these (B, H, T, d) keys and values, with CACHE_ROOM free positions after them."""
+        batch, heads, length, _ = keys.shape
+        self.key_buffer = keys.new_empty(batch, heads, length + CACHE_ROOM, keys.shape[-1])
+        self.value_buffer = values.new_empty(batch, heads, length + CACHE_ROOM, values.shape[-1])
+        self.key_buffer[:, :, :length] = keys
+        self.value_buffer[:, :, :length] = values
+        self.length = length
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[-2]
+        if self.length + new > self.key_buffer.shape[-2]:  # full: a copy with fresh room
+            self.store(torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
+        else:
+            self.key_buffer[:, :, self.length:self.length + new] = key_states
+            self.value_buffer[:, :, self.length:self.length + new] = value_states
+            self.length += new
+            self.keys = self.key_buffer[:, :, :self.length]
+            self.values = self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+
+def growing_cache(cache: DynamicCache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    """`cache` with its layers replaced by GrowingLayers holding these (B, H, T, d) keys and values, one per layer."""
+    cache.layers = [GrowingLayer(k, v) for k, v in zip(keys, values)]
+    return cache
+
+
 PROMPT_FIELDS = ("input_ids", "attention_mask")  # per prompt; every other processor output is per image
 
 # What one more LM prefill pass costs, counted in prompt tokens: prompts are split into passes of similar lengths
@@ -227,7 +273,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.condition = threading.Condition()
         self.rows: list[Row] = []
-        self.cache = None  # DynamicCache holding (B, H, T, d) per layer, rows left-padded to a common T
+        self.cache = None  # DynamicCache of GrowingLayers, (B, H, T, d) per layer, rows left-padded to a common T
         self.mask = None  # (B, T) long: 1 where a row has a real cached token
         self.next_tokens: list[int] = []  # per row, the token the next step feeds
         self.stopping = False
@@ -415,15 +461,17 @@ class Scheduler:
         mask = mask[index]
         start = int(mask.any(dim=0).long().argmax())  # columns before it pad only prompts that already finished
         mask = mask[:, start:]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        keys = [layer.keys[index, :, start:] for layer in cache.layers]
+        values = [layer.values[index, :, start:] for layer in cache.layers]
         if self.cache is None:
-            self.cache, self.mask = cache, mask
+            self.cache, self.mask = growing_cache(cache, keys, values), mask
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            for old, new in zip(self.cache.layers, cache.layers):
-                old.keys = torch.cat([pad_cache_left(old.keys, width), pad_cache_left(new.keys, width)])
-                old.values = torch.cat([pad_cache_left(old.values, width), pad_cache_left(new.values, width)])
+            keys = [torch.cat([pad_cache_left(old.keys, width), pad_cache_left(new, width)])
+                    for old, new in zip(self.cache.layers, keys)]
+            values = [torch.cat([pad_cache_left(old.values, width), pad_cache_left(new, width)])
+                      for old, new in zip(self.cache.layers, values)]
+            self.cache = growing_cache(self.cache, keys, values)
             self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
                                    F.pad(mask, (width - mask.shape[1], 0))])
         self.rows += rows
@@ -471,8 +519,8 @@ class Scheduler:
         mask = self.mask[index]
         start = int(mask.any(dim=0).long().argmax())  # first column some row still attends
         self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        self.cache = growing_cache(self.cache, [layer.keys[index, :, start:] for layer in self.cache.layers],
+                                   [layer.values[index, :, start:] for layer in self.cache.layers])
         self.rows = [self.rows[b] for b in keep]
         self.next_tokens = [self.next_tokens[b] for b in keep]
 
