@@ -73,8 +73,18 @@ def test_quick_demo_of_mg_llava_and_llava_uhd_v2(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--quick", "--methods", "mg,uhd"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["methods"] == ["anyres", "mg", "uhd"]  # both start from the LLaVA-NeXT stage-2 model
-    assert list(results["stages"]) == ["anyres/stage1", "anyres/stage2", "mg/stage1", "mg/stage2", "uhd/stage0",
-                                       "uhd/stage1", "uhd/stage2", "anyres/stage2-hires"]
+    assert list(results["stages"]) == ["anyres/stage1", "anyres/stage2", "mg/stage1", "mg/stage2-objects", "mg/stage2",
+                                       "uhd/stage0", "uhd/stage1", "uhd/stage2", "anyres/stage2-hires"]
+    # MG-LLaVA's stage 2 starts from its object phase: the object question alone, one per image, on the 192-px
+    # dataset's first training images (the same scenes), every box kept
+    objects = json.loads((tmp_path / "data-hires-objects" / "train.json").read_text())
+    assert len(objects) == demo.SCALES["quick"].mg_object_samples
+    assert {r["question_type"] for r in objects} == {"object"} and all(len(r["conversations"]) == 2 for r in objects)
+    hires_train = json.loads((tmp_path / "data-hires" / "train.json").read_text())
+    for record, same in zip(objects, hires_train):
+        assert ((tmp_path / "data-hires-objects" / record["image"]).read_bytes()
+                == (tmp_path / "data-hires" / same["image"]).read_bytes())
+    assert all(r["boxes"] for r in json.loads((tmp_path / "data-hires-objects" / "boxes.json").read_text()))
     evaluation = results["evaluation"]
     assert set(evaluation) == {"anyres", "mg", "mg, no boxes", "uhd", demo.ANYRES_HIRES}
     # MG-LLaVA: 144 fused tokens + one object token per ground-truth box, or one all-zero box without boxes.
