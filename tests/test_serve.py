@@ -232,6 +232,38 @@ def test_openai_client_plain_and_streamed(server, reference):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
 
 
+def test_mg_llava_boxes_through_the_openai_client(tmp_path):
+    """`boxes` (extra body) on an MG-LLaVA model: one object token per box, the answer of `model.generate` with the
+    same boxes (its own model instance), and a box list that does not fit the images is a 400 naming `boxes`."""
+    from openai import BadRequestError, OpenAI
+
+    build_tiny(tmp_path, method="mg", seed=0)
+    model, processor = load_model(tmp_path, "cpu", "float32"), load_processor(tmp_path)
+    image, question, boxes = png(64, 48, 5), "Where is the dog?", [[2, 2, 30, 20], [10, 8, 60, 44]]
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=[Image.open(io.BytesIO(image)).convert("RGB")], text=prompt, boxes=[boxes])
+    with torch.no_grad():
+        alone = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    expected = processor.tokenizer.decode(alone[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    served, served_processor = load_model(tmp_path, "cpu", "float32"), load_processor(tmp_path)
+    with Server(create_app(served, served_processor, model_name="tiny-mg", max_batch_size=4, max_queue=8,
+                           default_max_tokens=MAX_TOKENS)) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
+                                                 {"type": "text", "text": question}]}]
+        reply = client.chat.completions.create(model="tiny-mg", messages=messages, max_tokens=MAX_TOKENS,
+                                               temperature=0, extra_body={"boxes": [boxes]})
+        assert reply.choices[0].message.content == expected
+        assert reply.model_extra["visual_report"][0]["object_tokens"] == 2
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model="tiny-mg", messages=messages, temperature=0,
+                                           extra_body={"boxes": [boxes, boxes]})
+        assert refused.value.body["param"] == "boxes"
+
+
 def test_batched_greedy_answers_equal_generate(server, reference):
     requests = mixed_requests() * 2
     expected = [reference(**ref) for _, ref in requests]
