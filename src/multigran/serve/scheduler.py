@@ -168,27 +168,23 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         self.store(keys, values)
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor):
-        """Fresh buffers holding these (B, H, T, d) keys and values, with CACHE_ROOM free positions after them."""
-        batch, heads, length, _ = keys.shape
-        self.key_buffer = keys.new_empty(batch, heads, length + CACHE_ROOM, keys.shape[-1])
-        self.value_buffer = values.new_empty(batch, heads, length + CACHE_ROOM, values.shape[-1])
-        self.key_buffer[:, :, :length] = keys
-        self.value_buffer[:, :, :length] = values
-        self.length = length
+    def store(self, keys: torch.Tensor, values: torch.Tensor, room: int | None = None):
+        """Fresh buffers holding these (B, H, T, d) keys and values, with `room` (CACHE_ROOM) free positions after."""
+        length = keys.shape[-2]
+        shape = (*keys.shape[:2], length + (CACHE_ROOM if room is None else room), keys.shape[-1])
+        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
+        self.key_buffer[:, :, :length], self.value_buffer[:, :, :length] = keys, values
         self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
         self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        new = key_states.shape[-2]
-        if self.length + new > self.key_buffer.shape[-2]:  # full: a copy with fresh room
-            self.store(torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
-        else:
-            self.key_buffer[:, :, self.length:self.length + new] = key_states
-            self.value_buffer[:, :, self.length:self.length + new] = value_states
-            self.length += new
-            self.keys = self.key_buffer[:, :, :self.length]
-            self.values = self.value_buffer[:, :, :self.length]
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if length + new > self.key_buffer.shape[-2]:  # full: fresh buffers with room for these and CACHE_ROOM more
+            self.store(self.keys, self.values, room=new + CACHE_ROOM)
+        self.key_buffer[:, :, length:length + new] = key_states
+        self.value_buffer[:, :, length:length + new] = value_states
+        self.keys = self.key_buffer[:, :, :length + new]
+        self.values = self.value_buffer[:, :, :length + new]
         return self.keys, self.values
 
 
