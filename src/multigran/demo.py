@@ -315,13 +315,14 @@ def run_demo(out_dir="demo_out", quick: bool = False, methods=DEFAULT_METHODS, s
         # the mixed stage 2 after them needs its full 1200 steps to relearn the other questions (600 left its loss at
         # 0.26). The box projector learns at 10x: at 5e-4 for all, object accuracy stayed at chance.
         stage2_parts = ("visual.fuse_module", "visual.projector", "language_model")
+        box_projector_rate = f"trainable.visual.bbox_projector={1e-2}"
         objects = hires["objects"]
         run("mg/stage2-objects", "mg/stage2_finetune.yaml", out / "mg-stage1", out / "mg-stage2-objects",
             [*common_overrides(objects, scale, scale.mg_object_steps, lr=1e-3, parts=stage2_parts),
-             f"trainable.visual.bbox_projector={1e-2}", f"data.box_file={objects['boxes']}"])
+             box_projector_rate, f"data.box_file={objects['boxes']}"])
         run("mg/stage2", "mg/stage2_finetune.yaml", out / "mg-stage2-objects", out / "mg-stage2",
             [*common_overrides(hires, scale, scale.mg_stage2_steps, lr=1e-3, parts=stage2_parts),
-             f"trainable.visual.bbox_projector={1e-2}", f"data.box_file={hires['train_boxes']}"])
+             box_projector_rate, f"data.box_file={hires['train_boxes']}"])
     if "uhd" in methods:
         train_uhd(out, hires, scale, tokenizer, run, seed)
 
