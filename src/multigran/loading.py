@@ -222,7 +222,8 @@ def _bin_files(path) -> str:
 def check_model_weights(path, allow_missing: bool = False):
     """Checks a model directory (config, JSON files, weight files, every key and shape) without reading the weights
     (the model is built on the meta device): for commands that load the model later themselves (`train`)."""
-    from_pretrained_checked(path, allow_missing, device_map="meta")
+    # use_kernels=False: transformers >= 5.25 kernelizes every loaded model by default, and refuses the meta device.
+    from_pretrained_checked(path, allow_missing, device_map="meta", use_kernels=False)
 
 
 def check_chat_template(processor, path):
